@@ -1,0 +1,37 @@
+# Two entry points for a newcomer: `make demo` (the main job) and `make test` (the suite).
+# Each installs what it needs into .venv: torch==2.13.0 first (the CPU wheel), then the
+# project, then DeepSpeed built against that torch.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install lint test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-build-isolation deepspeed
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check ray_twist tests bench jobs
+	$(BIN)/ruff format --check ray_twist tests bench jobs
+	$(BIN)/mypy ray_twist
+
+# pytest exits 5 when it collects nothing; make treats any non-zero exit as failure.
+test: lint
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -rs tests
+
+demo: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/twist demo
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/merge.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

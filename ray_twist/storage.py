@@ -1,0 +1,87 @@
+"""URIs to pyarrow filesystems: local paths, file://, s3://, gs:// behave the same.
+
+S3-compatible endpoints (MinIO, moto) are reached through `AWS_ENDPOINT_URL` or an
+`?endpoint_override=` query on the URI, exactly as pyarrow itself understands them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a URI or plain local path."""
+    text = str(uri)
+    if "://" not in text:
+        return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+    if text.startswith("s3://") and "endpoint_override" not in text:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            bucket_and_key = text[len("s3://") :]
+            scheme = "http" if endpoint.startswith("http://") else "https"
+            fs = pafs.S3FileSystem(
+                endpoint_override=endpoint.split("://", 1)[-1],
+                scheme=scheme,
+                region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            )
+            return fs, bucket_and_key.rstrip("/")
+    fs, path = pafs.FileSystem.from_uri(text)
+    return fs, path.rstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI without touching its scheme or query."""
+    base, _, query = str(uri).partition("?")
+    joined = "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return f"{joined}?{query}" if query else joined
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Local: write a temp file then rename over. Object stores: a PUT is already atomic."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    else:
+        write_bytes(uri, data)
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> None:
+    """Copy a local directory tree to a URI (used for adapter dirs)."""
+    fs, path = resolve(uri)
+    pafs.copy_files(str(Path(local_dir).absolute()), path, destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str | Path) -> None:
+    fs, path = resolve(uri)
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(Path(local_dir).absolute()), source_filesystem=fs)

@@ -1,0 +1,37 @@
+"""Shared fixtures: one Ray instance per session, tiny backbones built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from ray_twist.backbone import TINY_KINDS, build_tiny_backbone  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Paths of tiny random T5, GPT-2, LLaMA and BERT2BERT models, saved once."""
+    root = tmp_path_factory.mktemp("backbones")
+    return {kind: build_tiny_backbone(kind, root / kind) for kind in TINY_KINDS}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole suite. 4 logical CPUs on 2 cores so fractional-CPU
+    trainers really overlap; tests ask for fractions of these."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=int(os.environ.get("RAY_TWIST_TEST_CPUS", "4")),
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}},
+        )
+    yield ray
+    ray.shutdown()
