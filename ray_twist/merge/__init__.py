@@ -1,0 +1,25 @@
+"""Factored SVD merge of LoRA factors (batched, CPU/GPU) and PEFT adapter interop."""
+
+from ray_twist.merge.factored import (
+    MERGE_METHODS,
+    FactorStack,
+    MergeMethod,
+    dense_svd_merge,
+    merge_lora_factors,
+)
+from ray_twist.merge.peft_io import AdapterFactors, AdapterFormatError, read_adapter, write_adapter
+from ray_twist.merge.sources import MergeSources, ModuleFactors
+
+__all__ = [
+    "AdapterFactors",
+    "AdapterFormatError",
+    "read_adapter",
+    "write_adapter",
+    "MERGE_METHODS",
+    "MergeSources",
+    "ModuleFactors",
+    "FactorStack",
+    "MergeMethod",
+    "dense_svd_merge",
+    "merge_lora_factors",
+]
