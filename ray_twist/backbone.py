@@ -115,8 +115,8 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
     return tokenizer
 
 
-def _configure_bert2bert(model: EncoderDecoderModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    cfg = model.config
+def _configure_bert2bert(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    cfg: Any = model.config
     cfg.decoder_start_token_id = tokenizer.cls_token_id
     cfg.pad_token_id = tokenizer.pad_token_id
     cfg.eos_token_id = tokenizer.sep_token_id
@@ -145,11 +145,10 @@ def load_backbone(
         _configure_bert2bert(model, tokenizer)
     else:
         model = EncoderDecoderModel.from_encoder_decoder_pretrained(name_or_path, name_or_path)
-        model = model.to(dtype)
         _configure_bert2bert(model, tokenizer)
+    movable: Any = model  # transformers' typed wrapper of .to() rejects dtypes and strings
+    movable.to(dtype=dtype, device=device)
     model.eval()
-    if device is not None:
-        model.to(device)
     return Backbone(model=model, tokenizer=tokenizer, family=family, name=name_or_path)
 
 
@@ -175,7 +174,7 @@ def _tiny_config(kind: TinyKind, tokenizer: PreTrainedTokenizerBase) -> Pretrain
     if kind == "t5":
         return T5Config(
             d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-            decoder_start_token_id=pad, **common,
+            **{"decoder_start_token_id": pad, **common},
         )  # fmt: skip
     if kind == "gpt2":
         return GPT2Config(

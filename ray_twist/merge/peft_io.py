@@ -50,6 +50,25 @@ def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
+def lora_factors(
+    tensors: dict[str, Tensor], config: dict[str, Any], where: str
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """{module → (A, B·scaling)} from a PEFT LoRA state dict; `where` names it in errors."""
+    modules: dict[str, tuple[Tensor, Tensor]] = {}
+    for key in sorted(tensors):
+        if not key.endswith(_A_SUFFIX):
+            continue
+        module = key[: -len(_A_SUFFIX)]
+        b = tensors.get(module + _B_SUFFIX)
+        if b is None:
+            raise AdapterFormatError(f"{where}: {key} has no matching lora_B")
+        a = tensors[key]
+        modules[module] = (a.float(), b.float() * _scaling(config, module, a.shape[0]))
+    if not modules:
+        raise AdapterFormatError(f"{where}: no LoRA weights (lora_A/lora_B) found")
+    return modules
+
+
 def read_adapter(adapter_dir: str | Path) -> AdapterFactors:
     """Load a PEFT LoRA adapter directory (safetensors only) into scaled factors."""
     root = Path(adapter_dir)
@@ -66,19 +85,7 @@ def read_adapter(adapter_dir: str | Path) -> AdapterFactors:
         )
     if config.get("use_dora"):
         raise AdapterFormatError(f"{config_path}: DoRA adapters cannot be merged as ΔW = B·A")
-    tensors = load_file(str(weights_path))
-    modules: dict[str, tuple[Tensor, Tensor]] = {}
-    for key, a in tensors.items():
-        if not key.endswith(_A_SUFFIX):
-            continue
-        module = key[: -len(_A_SUFFIX)]
-        b = tensors.get(module + _B_SUFFIX)
-        if b is None:
-            raise AdapterFormatError(f"{weights_path}: {key} has no matching lora_B")
-        rank = a.shape[0]
-        modules[module] = (a.float(), b.float() * _scaling(config, module, rank))
-    if not modules:
-        raise AdapterFormatError(f"{weights_path}: no LoRA weights (lora_A/lora_B) found")
+    modules = lora_factors(load_file(str(weights_path)), config, str(weights_path))
     return AdapterFactors(config=config, modules=modules)
 
 

