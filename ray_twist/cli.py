@@ -38,9 +38,11 @@ def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _retrieval(args: argparse.Namespace):
-    from ray_twist.initialise import RetrievalParams
+    from ray_twist.config import RetrievalSettings
 
-    return RetrievalParams(lam=args.lam, tau=args.tau, top_k=args.top_k)
+    return RetrievalSettings.model_validate(
+        {"lambda": args.lam, "tau": args.tau, "top_k": args.top_k}
+    )
 
 
 # ---------------------------------------------------------------- commands

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ray_twist import storage
+from ray_twist.config import MergeTargetsConfig, RetrievalSettings
 from ray_twist.data import Task
 from ray_twist.features import Featurizer, TaskKey, task_key
 from ray_twist.merge import AdapterFactors, MergeMethod, MergeSources, write_adapter
@@ -27,15 +28,6 @@ from ray_twist.pool import Pool
 from ray_twist.retrieval import retrieval_scores
 
 RETRIEVAL_FILE = "twist_retrieval.json"
-
-
-@dataclass(frozen=True)
-class RetrievalParams:
-    """λ mixes task-level (cluster keys) and instance-level (weight keys) similarity."""
-
-    lam: float = 0.5
-    tau: float = 0.1
-    top_k: int | None = None
 
 
 _SOURCES_CACHE: dict[tuple[str, int, str, str], MergeSources] = {}
@@ -55,7 +47,7 @@ def pool_merge_sources(
 
 
 def retrieval_weights(
-    pool: Pool, keys: Sequence[TaskKey], params: RetrievalParams
+    pool: Pool, keys: Sequence[TaskKey], params: RetrievalSettings
 ) -> list[dict[str, float]]:
     """R_s per target (style key at cluster level, input key at weight level)."""
     import numpy as np
@@ -109,7 +101,7 @@ def merge_weighted(
     return list(out_uris)
 
 
-def _retrieval_meta(pool: Pool, params: RetrievalParams, target: str) -> dict[str, Any]:
+def _retrieval_meta(pool: Pool, params: RetrievalSettings, target: str) -> dict[str, Any]:
     return {"target": target, "lambda": params.lam, "tau": params.tau, "top_k": params.top_k,
             "pool": pool.uri, "pool_generation": pool.generation}  # fmt: skip
 
@@ -119,11 +111,12 @@ def init_target(
     task: Task,
     out_dir: str,
     rank: int,
-    params: RetrievalParams = RetrievalParams(),
+    params: RetrievalSettings | None = None,
     method: MergeMethod = "svd",
     featurizer: Featurizer | None = None,
 ) -> dict[str, float]:
     """Write the TWIST initialisation of one target task at `out_dir`; return its R_s."""
+    params = params or RetrievalSettings()
     key = task_key(task, featurizer or Featurizer(pool.featurizer))
     [weights] = retrieval_weights(pool, [key], params)
     merge_weighted(pool_merge_sources(pool), [out_dir], [weights], rank, method,
@@ -174,7 +167,7 @@ def merge_targets(
     targets: Sequence[TargetSpec],
     out_uri: str,
     rank: int,
-    params: RetrievalParams = RetrievalParams(),
+    params: RetrievalSettings | None = None,
     method: MergeMethod = "svd",
     chunk_size: int = 128,
     device: str | None = None,
@@ -183,6 +176,7 @@ def merge_targets(
     """Adapters for many targets under `out_uri/<name>/`, one batched merge per module."""
     from ray_twist.data.readers import read_task
 
+    params = params or RetrievalSettings()
     needs_data = [t for t in targets if t.weights is None]
     retrieved: dict[str, dict[str, float]] = {}
     if needs_data:
@@ -196,3 +190,11 @@ def merge_targets(
     uris = [storage.join(out_uri, t.name) for t in targets]
     sources = pool_merge_sources(pool, device=device)
     return merge_weighted(sources, uris, rows, rank, method, chunk_size, out_dtype, meta)
+
+
+def run_merge_targets(cfg: MergeTargetsConfig) -> list[str]:
+    """The whole batched-merge job from its config (CUDA when it holds a GPU)."""
+    device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    return merge_targets(Pool.open(cfg.pool), read_targets(cfg.targets), cfg.out, cfg.rank,
+                         cfg.retrieval, cfg.method, cfg.chunk_size, device, dtype)  # fmt: skip

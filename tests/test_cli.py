@@ -6,53 +6,33 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
-from ray_twist.backbone import default_lora_targets, load_backbone
+from ray_twist.backbone import load_backbone
 from ray_twist.cli import main
 from ray_twist.data import make_task, write_task_jsonl
 from ray_twist.initialise import RETRIEVAL_FILE, pool_merge_sources
 from ray_twist.merge import read_adapter
 from ray_twist.pool import Pool
 
-STYLES = ["pirate", "sailor", "formal"]
 
-
-@pytest.fixture(scope="module")
-def cli_pool(tiny_backbones, tmp_path_factory):
-    """A pool of three random T5 adapters added through `twist pool add`."""
-    root = tmp_path_factory.mktemp("cli")
-    base = tiny_backbones["t5"]
-    for i, style in enumerate(STYLES):
-        torch.manual_seed(i)
-        model = load_backbone(base).model
-        lora = LoraConfig(r=4, lora_alpha=8, target_modules=default_lora_targets(model.config),
-                          init_lora_weights=False)  # fmt: skip
-        get_peft_model(model, lora).save_pretrained(root / f"ad_{style}")
-        corpus = write_task_jsonl(make_task(style, 20, seed=i), root / f"{style}.jsonl")
-        code = main(["pool", "add", "--pool", str(root / "pool"), "--adapter",
-                     str(root / f"ad_{style}"), "--corpus", corpus, "--name", style])  # fmt: skip
-        assert code == 0
-    return root, base
-
-
-def test_pool_show_json(cli_pool, capsys) -> None:
-    root, _ = cli_pool
+def test_pool_show_json(t5_pool, capsys) -> None:
+    pool, _ = t5_pool
     capsys.readouterr()
-    assert main(["pool", "show", "--pool", str(root / "pool"), "--json"]) == 0
+    assert main(["pool", "show", "--pool", pool, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert sorted(shown["sources"]) == sorted(STYLES)
+    assert sorted(shown["sources"]) == ["formal", "pirate", "sailor"]
     assert shown["generation"] == 3
     assert all(info["n_examples"] == 20 for info in shown["sources"].values())
-    assert main(["pool", "show", "--pool", str(root / "pool")]) == 0
+    assert main(["pool", "show", "--pool", pool]) == 0
     assert "pirate" in capsys.readouterr().out
 
 
-def test_init_retrieves_and_writes_a_loadable_adapter(cli_pool) -> None:
-    root, base = cli_pool
-    target = write_task_jsonl(make_task("pirate", 10, seed=99), root / "target.jsonl")
-    out = root / "init_out"
-    assert main(["init", "--pool", str(root / "pool"), "--target", target, "--out", str(out),
+def test_init_retrieves_and_writes_a_loadable_adapter(t5_pool, tmp_path) -> None:
+    pool, base = t5_pool
+    target = write_task_jsonl(make_task("pirate", 10, seed=99), tmp_path / "target.jsonl")
+    out = tmp_path / "init_out"
+    assert main(["init", "--pool", pool, "--target", target, "--out", str(out),
                  "--rank", "3", "--lambda", "1.0", "--tau", "0.05"]) == 0  # fmt: skip
     record = json.loads((out / RETRIEVAL_FILE).read_text())
     weights = record["weights"]
@@ -62,9 +42,9 @@ def test_init_retrieves_and_writes_a_loadable_adapter(cli_pool) -> None:
     PeftModel.from_pretrained(load_backbone(base).model, str(out))
 
 
-def test_merge_weights_and_targets_equal_library_merge(cli_pool) -> None:
-    root, _ = cli_pool
-    pool = Pool.open(root / "pool")
+def test_merge_weights_and_targets_equal_library_merge(t5_pool, tmp_path) -> None:
+    root = tmp_path
+    pool = Pool.open(t5_pool[0])
     weights = {"pirate": 0.7, "formal": 0.3}
     one = root / "merge_one"
     assert main(["merge", "--pool", str(pool.uri), "--weights", json.dumps(weights),
@@ -93,9 +73,8 @@ def test_merge_weights_and_targets_equal_library_merge(cli_pool) -> None:
     assert sum(retrieved.values()) == pytest.approx(1.0)
 
 
-def test_bad_input_is_named(cli_pool, tmp_path, capsys) -> None:
-    root, _ = cli_pool
-    pool = str(root / "pool")
+def test_bad_input_is_named(t5_pool, tmp_path, capsys) -> None:
+    pool = t5_pool[0]
     assert main(["merge", "--pool", pool, "--weights", '{"nope": 1}', "--rank", "2",
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
     assert "unknown source" in capsys.readouterr().err

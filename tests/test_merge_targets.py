@@ -1,0 +1,74 @@
+"""Batched multi-target merges: equal to single merges, 1000 targets, the Ray job entry."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from peft import PeftModel
+
+from ray_twist.backbone import load_backbone
+from ray_twist.initialise import merge_weighted, pool_merge_sources
+from ray_twist.merge import read_adapter
+from ray_twist.pool import Pool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+import merge_targets as merge_targets_job  # noqa: E402
+
+
+def _delta(factors: dict) -> dict:
+    return {m: b @ a for m, (a, b) in factors.items()}
+
+
+def test_batched_merge_equals_single_merges(t5_pool, tmp_path) -> None:
+    pool = Pool.open(t5_pool[0])
+    sources = pool_merge_sources(pool)
+    g = torch.Generator().manual_seed(0)
+    rows = [dict(zip(pool.sources, map(float, torch.rand(3, generator=g)), strict=True))
+            for _ in range(7)]  # fmt: skip
+    uris = [str(tmp_path / f"t{i}") for i in range(7)]
+    merge_weighted(sources, uris, rows, rank=3, chunk_size=3, progress=False)  # 3 chunks
+    for uri, row in zip(uris, rows, strict=True):
+        [single] = sources.merge([row], 3)
+        batched = read_adapter(uri).modules
+        for module, delta in _delta(single).items():
+            got = batched[module][1] @ batched[module][0]
+            assert torch.allclose(got, delta, atol=1e-6, rtol=1e-5), (uri, module)
+
+
+def test_thousand_targets_through_the_ray_job(t5_pool, ray_session, tmp_path) -> None:
+    pool_uri, base = t5_pool
+    pool = Pool.open(pool_uri)
+    g = torch.Generator().manual_seed(1)
+    table = tmp_path / "targets.jsonl"
+    with table.open("w") as f:
+        for i in range(1000):
+            w = torch.rand(len(pool.sources), generator=g).tolist()
+            f.write(
+                json.dumps(
+                    {"name": f"t{i:04d}", "weights": dict(zip(pool.sources, w, strict=True))}
+                )
+                + "\n"
+            )
+    config = tmp_path / "job.yaml"
+    out = tmp_path / "out"
+    config.write_text(yaml.safe_dump({"pool": pool_uri, "targets": str(table), "out": str(out),
+                                      "rank": 2, "chunk_size": 256, "dtype": "bf16"}))  # fmt: skip
+    assert merge_targets_job.main(["--config", str(config)]) == 0
+    dirs = sorted(out.iterdir())
+    assert len(dirs) == 1000
+    model = PeftModel.from_pretrained(load_backbone(base).model, str(dirs[0]), adapter_name="a0")
+    for i, adapter_dir in enumerate(dirs[1:], start=1):  # every adapter loads through PEFT
+        model.load_adapter(str(adapter_dir), adapter_name=f"a{i}")
+        model.delete_adapter(f"a{i}")
+    assert read_adapter(dirs[-1]).config["r"] == 2
+
+
+def test_job_config_errors_name_the_key(tmp_path, capsys) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"pool": "p", "targets": "t", "out": "o", "rank": 0}))
+    assert merge_targets_job.main(["--config", str(config)]) == 2
+    assert "bad.yaml: rank" in capsys.readouterr().err
