@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow.fs as pafs
-import ray
 import torch
 
 from ray_twist import storage
@@ -449,6 +448,8 @@ def _check_name(name: str) -> None:
 
 
 def _pairs_dataset(task: Task) -> Dataset:
+    import ray.data
+
     return ray.data.from_items([{"source": s, "target": t} for s, t in task.pairs])
 
 
@@ -576,6 +577,8 @@ def train_many(
     the run for task `t` is named `t.name`. Raises `TrainManyError` (carrying the finished
     results) after every run has ended if any failed.
     """
+    import ray
+
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {names}")

@@ -6,7 +6,7 @@ columns. One QR per module and pool, B = Q_B R_B and Aᵀ = Q_A R_A, turns it in
 Q_B (R_B D(w) R_Aᵀ) Q_Aᵀ: the SVD of the delta is the SVD of the small core C = R_B D(w) R_Aᵀ.
 
 The top-q singular triplets of a batch of cores come from one batched `eigh` of C Cᵀ in
-float64 (about twice as fast as a batched SVD on CPU and exact to float64 precision for the
+float64 (on the CPU even when the factors live on a GPU) (about twice as fast as a batched SVD on CPU and exact to float64 precision for the
 leading triplets), then B_t = Q_B U_q Σ_q^½ and A_t = Σ_q^-½ U_qᵀ C Q_Aᵀ = Σ_q^½ V_qᵀ Q_Aᵀ.
 """
 
@@ -94,7 +94,9 @@ class FactorStack:
         """Rank-q truncated SVD of each target's delta, as (A_t (T,q,d_in), B_t (T,d_out,q))."""
         core = self.cores(weights)
         gram = core @ core.mT
-        eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
+        # CUDA's batched eigh solves one matrix at a time above 32×32, far slower than LAPACK
+        # on the CPU for these small cores; the big projections below stay on the device.
+        eigvals, eigvecs = (x.to(gram.device) for x in torch.linalg.eigh(gram.cpu()))
         keep = min(rank, gram.shape[-1])
         u = eigvecs[..., -keep:].flip(-1)  # (T, k_b, keep), leading first
         sigma = eigvals[..., -keep:].flip(-1).clamp_min(0).sqrt()  # (T, keep)
