@@ -1,0 +1,136 @@
+"""Pool format: file names, manifest checks, checksums, names, errors (shared by readers
+and writers)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ray_twist import storage
+
+FORMAT_VERSION = 1
+MANIFEST = "pool.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{16}$")
+_GENERATION_FILE_RE = re.compile(r"^(keys|clusters)\.g\d{6}\.parquet$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+log = logging.getLogger(__name__)
+
+
+class PoolCorruptError(RuntimeError):
+    """A file pool.json names is missing, fails its sha256, or the manifest is malformed."""
+
+
+class PoolMismatchError(ValueError):
+    """Adapters that cannot share a pool: different base model, LoRA layout or featurizer."""
+
+
+class PoolConflictError(RuntimeError):
+    """Another writer committed a new generation while this write was in progress."""
+
+
+def validate_name(name: str, what: str = "source name") -> str:
+    """Names become path components: refuse separators, `..` and anything odd."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid {what} {name!r}: use letters, digits, '.', '_', '-' "
+            "(starting with a letter or digit; no path separators, no '..')"
+        )
+    return name
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _check_relpath(rel: str) -> str:
+    parts = rel.split("/")
+    if not all(_NAME_RE.match(p) and ".." not in p for p in parts):
+        raise ValueError(f"invalid adapter file name {rel!r}")
+    if rel.lower().endswith(_PICKLE_SUFFIXES):
+        raise ValueError(f"adapter file {rel!r} is a pickle-based format; safetensors only")
+    return rel
+
+
+def _lora_layout(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """The LoRA fields a pool pins, from an adapter_config.json; refuse what TWIST can't merge."""
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{where}: DoRA and per-module rank/alpha patterns are not supported")
+    targets = cfg.get("target_modules")
+    return {
+        "r": int(cfg["r"]),
+        "lora_alpha": float(cfg["lora_alpha"]),
+        "target_modules": sorted(targets) if isinstance(targets, list | tuple) else targets,
+        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out", False)),
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+    }
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def _read_verified(uri: str, sha256: str, label: str) -> bytes:
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise PoolCorruptError(f"{label} named by {MANIFEST} is missing ({uri})") from exc
+    if _sha256(data) != sha256:
+        raise PoolCorruptError(f"{label} fails its sha256 check ({uri}): corrupt or tampered")
+    return data
+
+
+def _read_table(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data))
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _vectors(column: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(column.to_pylist(), dtype=np.float32)
+
+
+def _check_manifest(manifest: dict[str, Any], uri: str) -> None:
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise PoolCorruptError(f"{uri}: unsupported pool format_version {version!r}")
+    try:
+        for name, entry in manifest["sources"].items():
+            validate_name(name)
+            prefix, dir_name, digest = entry["dir"].split("/")
+            if (prefix, dir_name) != ("sources", name) or not _DIGEST_RE.match(digest):
+                raise ValueError(f"source {name!r}: bad adapter dir {entry['dir']!r}")
+            for rel in entry["files"]:
+                _check_relpath(rel)
+            if not {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= set(entry["files"]):
+                raise ValueError(f"source {name!r}: adapter config or weights missing")
+        for kind in ("keys", "clusters"):
+            if not _GENERATION_FILE_RE.match(manifest["files"][kind]["path"]):
+                raise ValueError(f"bad {kind} file name")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PoolCorruptError(f"{uri}/{MANIFEST} is malformed: {exc}") from exc

@@ -1,0 +1,197 @@
+"""Reading a committed pool generation: manifest, keys, verified adapters and factors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+from safetensors.torch import load as load_safetensors
+
+from ray_twist import storage
+from ray_twist.merge.peft_io import lora_factors
+from ray_twist.pool.format import (
+    ADAPTER_WEIGHTS,
+    MANIFEST,
+    PoolCorruptError,
+    _check_manifest,
+    _read_table,
+    _read_verified,
+    _sha256,
+    _vectors,
+)
+
+
+class Pool:
+    """One committed generation of a pool (read side). Picklable: ship it to Ray tasks."""
+
+    def __init__(
+        self, uri: str, manifest: dict[str, Any], keys: pa.Table, clusters: pa.Table
+    ) -> None:
+        self.uri = uri
+        self._manifest = manifest
+        keys = keys.sort_by("source")
+        clusters = clusters.sort_by("cluster")
+        self._sources: list[str] = keys.column("source").to_pylist()
+        if sorted(self._sources) != sorted(manifest["sources"]):
+            raise PoolCorruptError(f"{uri}: keys file and {MANIFEST} list different sources")
+        self._style_keys = _vectors(keys.column("key"))
+        self._input_keys = _vectors(keys.column("input_key"))
+        self._cluster_of = np.asarray(keys.column("cluster").to_pylist(), dtype=np.int64)
+        self._cluster_keys = _vectors(clusters.column("key"))
+        self._members: list[list[str]] = clusters.column("members").to_pylist()
+        self._n_examples = np.asarray(keys.column("n_examples").to_pylist(), dtype=np.int64)
+        self._verified: set[str] = set()
+
+    @classmethod
+    def open(cls, uri: str | Path) -> Pool:
+        """Read the committed generation at `uri`, verifying the files the manifest names."""
+        uri = str(uri)
+        manifest_uri = storage.join(uri, MANIFEST)
+        try:
+            raw = storage.read_bytes(manifest_uri)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"no pool at {uri} ({MANIFEST} not found)") from exc
+        try:
+            manifest = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise PoolCorruptError(f"{manifest_uri} is not valid JSON: {exc}") from exc
+        _check_manifest(manifest, uri)
+        tables = [
+            _read_table(_read_verified(storage.join(uri, f["path"]), f["sha256"], f["path"]))
+            for f in (manifest["files"]["keys"], manifest["files"]["clusters"])
+        ]
+        return cls(uri, manifest, *tables)
+
+    def __repr__(self) -> str:
+        return (
+            f"Pool({self.uri!r}, generation={self.generation}, sources={len(self._sources)}, "
+            f"clusters={len(self._cluster_keys)})"
+        )
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    @property
+    def generation(self) -> int:
+        return int(self._manifest["generation"])
+
+    @property
+    def base_model(self) -> str:
+        return str(self._manifest["base_model"])
+
+    @property
+    def base_config_hash(self) -> str:
+        return str(self._manifest["base_config_hash"])
+
+    @property
+    def lora_config(self) -> dict[str, Any]:
+        """r, lora_alpha, target_modules, fan_in_fan_out, use_rslora shared by all sources."""
+        return dict(self._manifest["lora"])
+
+    @property
+    def featurizer(self) -> str:
+        return str(self._manifest["featurizer"])
+
+    @property
+    def sources(self) -> list[str]:
+        """Source names, sorted; row i of every per-source array belongs to sources[i]."""
+        return list(self._sources)
+
+    @property
+    def style_keys(self) -> np.ndarray:
+        return self._style_keys
+
+    @property
+    def input_keys(self) -> np.ndarray:
+        """Weight keys k_s for instance-level retrieval (N, d)."""
+        return self._input_keys
+
+    @property
+    def n_examples(self) -> np.ndarray:
+        return self._n_examples
+
+    @property
+    def cluster_of(self) -> np.ndarray:
+        return self._cluster_of
+
+    @property
+    def cluster_keys(self) -> np.ndarray:
+        return self._cluster_keys
+
+    @property
+    def cluster_members(self) -> list[list[str]]:
+        return [list(m) for m in self._members]
+
+    def source_cluster_keys(self) -> np.ndarray:
+        """k_c(s): each source's cluster key (N, d), for task-level retrieval."""
+        return self._cluster_keys[self._cluster_of]
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        try:
+            return dict(self._manifest["sources"][name])
+        except KeyError:
+            raise KeyError(f"no source {name!r} in pool {self.uri}; have {self._sources}") from None
+
+    def _read_source_file(self, name: str, rel: str) -> bytes:
+        entry = self._entry(name)
+        uri = storage.join(self.uri, entry["dir"], rel)
+        return _read_verified(uri, entry["files"][rel], f"{entry['dir']}/{rel}")
+
+    def adapter_dir(self, name: str, local_cache_dir: str | Path | None = None) -> str:
+        """Local path of a verified copy of source `name`'s PEFT adapter dir.
+
+        A local pool is verified in place and its own directory returned (unless a cache dir
+        is given); remote pools are downloaded once into a content-addressed cache.
+        """
+        entry = self._entry(name)
+        fs, root = storage.resolve(self.uri)
+        if isinstance(fs, pafs.LocalFileSystem) and local_cache_dir is None:
+            if name not in self._verified:
+                for rel in entry["files"]:
+                    self._read_source_file(name, rel)
+                self._verified.add(name)
+            return str(Path(root) / entry["dir"])
+        cache = Path(local_cache_dir or Path(tempfile.gettempdir()) / "ray_twist" / "adapters")
+        target = cache / entry["dir"].split("/", 1)[1]
+        if _local_copy_ok(target, entry["files"]):
+            return str(target)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        for rel in entry["files"]:
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(self._read_source_file(name, rel))
+        if target.exists() and not _local_copy_ok(target, entry["files"]):
+            shutil.rmtree(target, ignore_errors=True)  # a stale or corrupt copy
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a concurrent download finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not _local_copy_ok(target, entry["files"]):
+                raise
+        return str(target)
+
+    def load_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """PEFT module path → (A (r×d_in), B (d_out×r)) with ΔW = B·A, scaling folded into B.
+
+        Factors are in nn.Linear orientation even for fan_in_fan_out (GPT-2 Conv1D) modules,
+        whose stored weight is ΔWᵀ.
+        """
+        tensors = load_safetensors(self._read_source_file(name, ADAPTER_WEIGHTS))
+        return lora_factors(tensors, self.lora_config, f"source {name!r}")
+
+
+def _local_copy_ok(path: Path, files: dict[str, str]) -> bool:
+    try:
+        return all(_sha256((path / rel).read_bytes()) == sha for rel, sha in files.items())
+    except OSError:
+        return False

@@ -1,0 +1,251 @@
+"""Writing a pool generation: new files first, the manifest last, old files collected."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+from safetensors import safe_open
+
+from ray_twist import storage
+from ray_twist.backbone import config_hash
+from ray_twist.features import DEFAULT_FEATURIZER, TaskKey
+from ray_twist.pool.clustering import cluster_keys
+from ray_twist.pool.format import (
+    _GENERATION_FILE_RE,
+    _LORA_SUFFIXES,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FORMAT_VERSION,
+    MANIFEST,
+    PoolConflictError,
+    PoolMismatchError,
+    _check_relpath,
+    _json_default,
+    _lora_layout,
+    _normalize_rows,
+    _sha256,
+    _table_bytes,
+    log,
+    validate_name,
+)
+from ray_twist.pool.reader import Pool
+
+
+@dataclass
+class SourceEntry:
+    """One source to add: its trained PEFT adapter dir, its task keys and bookkeeping."""
+
+    name: str
+    adapter_dir: str | Path
+    key: TaskKey
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_hash: str = ""
+
+
+@dataclass
+class _Prepared:
+    entry: SourceEntry
+    files: dict[str, bytes]
+    hashes: dict[str, str]
+    dir: str  # sources/<name>/<digest of the file hashes>
+    lora: dict[str, Any]
+
+
+def _prepare(entry: SourceEntry) -> _Prepared:
+    """Read and check an adapter dir: PEFT LoRA, safetensors only, linear LoRA layers only."""
+    root = Path(entry.adapter_dir)
+    if not (root / ADAPTER_CONFIG).is_file() or not (root / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"{root} is not a PEFT adapter dir ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} needed)"
+        )
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # hidden files (editor or VCS droppings) are not part of the adapter
+        try:
+            files[_check_relpath(rel)] = path.read_bytes()
+        except ValueError as exc:
+            raise ValueError(f"source {entry.name!r}: {exc}") from None
+    lora = _lora_layout(json.loads(files[ADAPTER_CONFIG]), f"source {entry.name!r}")
+    with safe_open(str(root / ADAPTER_WEIGHTS), framework="pt") as f:
+        names = list(f.keys())
+    odd = [n for n in names if not n.endswith(_LORA_SUFFIXES)]
+    if odd or not names:
+        raise ValueError(
+            f"source {entry.name!r}: only linear LoRA A/B weights can be pooled, "
+            f"found {odd[:3] or 'no tensors'}"
+        )
+    hashes = {rel: _sha256(data) for rel, data in files.items()}
+    digest = _sha256(json.dumps(hashes, sort_keys=True).encode())[:16]
+    return _Prepared(entry, files, hashes, f"sources/{entry.name}/{digest}", lora)
+
+
+def _check_same(what: str, ours: Any, theirs: Any, context: str, other: str = "the pool") -> None:
+    if ours != theirs:
+        if isinstance(ours, dict) and isinstance(theirs, dict):  # show only what differs
+            diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+            ours, theirs = ({k: d.get(k) for k in diff} for d in (ours, theirs))
+        raise PoolMismatchError(
+            f"{what} mismatch: {context} has {ours!r} but {other} has {theirs!r}; "
+            "every source of a pool must share base model, LoRA layout and featurizer"
+        )
+
+
+def _entry_key(key: TaskKey, name: str) -> tuple[np.ndarray, np.ndarray]:
+    style, inp = np.asarray(key.style_key), np.asarray(key.input_key)
+    if style.ndim != 1 or style.shape != inp.shape or not np.all(np.isfinite(style)):
+        raise ValueError(f"source {name!r}: key.style_key/input_key must be finite (d,) vectors")
+    return _normalize_rows(style), _normalize_rows(inp)
+
+
+def _tables(
+    names: list[str], keys: dict[str, tuple[np.ndarray, np.ndarray]], n_examples: list[int],
+    n_clusters: int | None, seed: int,
+) -> tuple[pa.Table, pa.Table]:  # fmt: skip
+    """Cluster the style keys and lay out the keys and clusters tables."""
+    style = np.stack([keys[n][0] for n in names])
+    labels, centroids = cluster_keys(style, n_clusters, seed)
+    vectors = pa.list_(pa.float32())
+    keys_table = pa.table(
+        {
+            "source": pa.array(names, pa.string()),
+            "cluster": pa.array(labels, pa.int32()),
+            "key": pa.array(style.tolist(), vectors),
+            "input_key": pa.array([keys[n][1].tolist() for n in names], vectors),
+            "n_examples": pa.array(n_examples, pa.int64()),
+        }
+    )
+    members = [
+        [n for n, c in zip(names, labels, strict=True) if c == i] for i in range(len(centroids))
+    ]
+    clusters_table = pa.table(
+        {
+            "cluster": pa.array(range(len(centroids)), pa.int32()),
+            "key": pa.array(centroids.tolist(), vectors),
+            "members": pa.array(members, pa.list_(pa.string())),
+        }
+    )
+    return keys_table, clusters_table
+
+
+def add_sources(
+    uri: str | Path,
+    entries: list[SourceEntry],
+    base_model: str,
+    featurizer: str = DEFAULT_FEATURIZER,
+    n_clusters: int | None = None,
+    seed: int = 0,
+) -> Pool:
+    """Add (or replace same-named) sources, re-cluster all style keys, commit one generation.
+
+    Creates the pool if `uri` holds none. `n_clusters=None` picks the count by eigengap.
+    The pool keeps the base model string it was created with.
+    """
+    uri = str(uri)
+    if not entries:
+        raise ValueError("entries is empty: nothing to add")
+    names = [validate_name(e.name) for e in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate source names in entries: {names}")
+    prepared = [_prepare(e) for e in entries]
+    for p in prepared[1:]:
+        first = f"source {prepared[0].entry.name!r}"
+        _check_same("LoRA layout", p.lora, prepared[0].lora, f"source {p.entry.name!r}", first)
+    new_keys = {p.entry.name: _entry_key(p.entry.key, p.entry.name) for p in prepared}
+    dims = {k[0].shape[0] for k in new_keys.values()}
+    if len(dims) != 1:
+        raise ValueError(f"entries have keys of different dimensions: {sorted(dims)}")
+    base_hash = config_hash(base_model)
+    manifest_uri = storage.join(uri, MANIFEST)
+    previous = Pool.open(uri) if storage.exists(manifest_uri) else None
+    keys: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    old: dict[str, Any] = {"sources": {}}
+    if previous is not None:
+        context = f"base model {base_model!r}"
+        _check_same("base model config hash", base_hash, previous.base_config_hash, context)
+        _check_same("LoRA layout", prepared[0].lora, previous.lora_config, "the new adapters")
+        _check_same("featurizer", featurizer, previous.featurizer, "the new sources")
+        _check_same("key dimension", dims.pop(), previous.style_keys.shape[1], "the new keys")
+        old = previous.manifest
+        keys = {
+            n: (previous.style_keys[i], previous.input_keys[i])
+            for i, n in enumerate(previous.sources)
+        }
+    keys.update(new_keys)
+
+    sources = dict(old["sources"])
+    for p in prepared:
+        if old["sources"].get(p.entry.name, {}).get("dir") != p.dir:  # never rewrite named files
+            for rel, data in p.files.items():
+                storage.write_bytes_atomic(storage.join(uri, p.dir, rel), data)
+        sources[p.entry.name] = {
+            "dir": p.dir,
+            "files": p.hashes,
+            "n_examples": int(p.entry.key.n_examples),
+            "metrics": p.entry.metrics,
+            "data_hash": p.entry.data_hash,
+        }
+    names = sorted(sources)
+    n_examples = [sources[n]["n_examples"] for n in names]
+    keys_table, clusters_table = _tables(names, keys, n_examples, n_clusters, seed)
+    generation = previous.generation + 1 if previous else 1
+    files = {}
+    for kind, table in (("keys", keys_table), ("clusters", clusters_table)):
+        data = _table_bytes(table)
+        path = f"{kind}.g{generation:06d}.parquet"
+        storage.write_bytes_atomic(storage.join(uri, path), data)
+        files[kind] = {"path": path, "sha256": _sha256(data)}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "generation": generation,
+        "base_model": previous.base_model if previous else base_model,
+        "base_config_hash": base_hash,
+        "lora": prepared[0].lora,
+        "featurizer": featurizer,
+        "key_dim": len(keys[names[0]][0]),
+        "clustering": {
+            "method": "spectral",
+            "affinity": "cosine clipped at 0",
+            "n_clusters_requested": n_clusters,
+            "n_clusters": clusters_table.num_rows,
+            "seed": seed,
+        },
+        "files": files,
+        "sources": {n: sources[n] for n in names},
+    }
+    blob = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default).encode()
+    if previous and json.loads(storage.read_bytes(manifest_uri))["generation"] != generation - 1:
+        raise PoolConflictError(f"{uri} was committed by another writer meanwhile; retry the add")
+    storage.write_bytes_atomic(manifest_uri, blob)  # the commit
+    _collect_garbage(uri, [manifest, old])
+    return Pool(uri, json.loads(blob), keys_table, clusters_table)
+
+
+def _collect_garbage(uri: str, keep: list[dict[str, Any]]) -> None:
+    """Best effort: delete data files named by neither manifest in `keep`."""
+    named_files = {f["path"] for m in keep for f in m.get("files", {}).values()}
+    named_dirs = {e["dir"] for m in keep for e in m["sources"].values()}
+    fs, root = storage.resolve(uri)
+
+    def listing(path: str) -> list[pafs.FileInfo]:
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+
+    try:
+        for info in listing(root):
+            if _GENERATION_FILE_RE.match(info.base_name) and info.base_name not in named_files:
+                fs.delete_file(info.path)
+        for name_dir in listing(f"{root}/sources"):
+            for version in listing(name_dir.path):
+                if f"sources/{name_dir.base_name}/{version.base_name}" not in named_dirs:
+                    fs.delete_dir(version.path)
+            if not listing(name_dir.path):
+                fs.delete_dir(name_dir.path)
+    except OSError as exc:
+        log.warning("pool %s: garbage collection skipped: %s", uri, exc)
