@@ -43,6 +43,7 @@ from ray_twist.config import (
     TrainingSettings,
 )
 from ray_twist.data.task import Task
+from ray_twist.generation import causal_prompt_ids
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -56,7 +57,6 @@ __all__ = [
     "TrainResult",
     "TrainManyError",
     "deepspeed_config",
-    "causal_prompt_ids",
     "tokenize_pairs",
     "train_lora",
     "train_loop_per_worker",
@@ -122,17 +122,6 @@ def wrap_lora(
         task_type=TaskType.CAUSAL_LM if family == "causal" else TaskType.SEQ_2_SEQ_LM,
     )
     return get_peft_model(model, config)
-
-
-def causal_prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, source: str, max_length: int | None = None
-) -> list[int]:
-    """Decoder-only prompt `source <sep>`: generation continues with the restyled text."""
-    ids = tokenizer(source, add_special_tokens=False)["input_ids"]
-    if max_length is not None:
-        ids = ids[: max_length - 1]
-    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    return [*ids, sep]
 
 
 def tokenize_pairs(

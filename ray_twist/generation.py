@@ -1,0 +1,142 @@
+"""Batched text generation for every backbone family, optionally with per-row LoRA.
+
+Model inputs:
+- seq2seq / encoder-decoder: the tokenizer's own encoding of the text (special tokens
+  included), right-padded; truncation keeps the closing special token.
+- causal (decoder-only): the prompt `source<sep>` — the source's tokens without special
+  tokens, then the tokenizer's sep token (eos when it has none) — left-padded so every row's
+  continuation starts at the same position; the prompt is cut from the output. Training
+  formats a causal pair as this prompt followed by the target's tokens and eos, so import
+  `causal_prompt_ids` (or `causal_prompt`, its text form) rather than re-deriving it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ray_twist.backbone import Backbone
+from ray_twist.rowlora import RowFactors, row_lora
+
+
+def _sep(tokenizer: PreTrainedTokenizerBase) -> tuple[str, int]:
+    if tokenizer.sep_token is not None:
+        return tokenizer.sep_token, tokenizer.sep_token_id
+    return tokenizer.eos_token, tokenizer.eos_token_id
+
+
+def causal_prompt(source: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The causal prompt as text, `source<sep>`; encodes (without special tokens) to
+    `causal_prompt_ids`."""
+    return f"{source}{_sep(tokenizer)[0]}"
+
+
+def causal_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, source: str, max_length: int | None = None
+) -> list[int]:
+    """Token ids of `source<sep>`; a too-long source is cut so the separator always stays."""
+    ids = tokenizer(source, add_special_tokens=False)["input_ids"]
+    if max_length is not None:
+        ids = ids[: max_length - 1]
+    return [*ids, _sep(tokenizer)[1]]
+
+
+def encode(backbone: Backbone, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+    """The token ids the model reads for each text (truncated to `max_length` when given)."""
+    tok = backbone.tokenizer
+    if not texts:
+        return []
+    if backbone.family == "causal":
+        return [causal_prompt_ids(tok, text, max_length) for text in texts]
+    return tok(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding options shared by `generate`, bulk restyling and serving."""
+
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams,
+            "do_sample": self.do_sample,
+        }
+        if self.do_sample:
+            out.update(temperature=self.temperature, top_p=self.top_p)
+        return out
+
+
+def pad_inputs(ids: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) tensors; causal models are padded on the left."""
+    width = max(len(row) for row in ids)
+    padded, mask = [], []
+    for row in ids:
+        fill = [pad_id] * (width - len(row))
+        ones, zeros = [1] * len(row), [0] * len(fill)
+        padded.append(fill + row if left else row + fill)
+        mask.append(zeros + ones if left else ones + zeros)
+    return torch.tensor(padded), torch.tensor(mask)
+
+
+@torch.inference_mode()
+def generate_ids(
+    backbone: Backbone,
+    input_ids: list[list[int]],
+    settings: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen)
+    batch_size: int = 32,
+    row_factors: Mapping[str, RowFactors] | None = None,
+) -> list[str]:
+    """Decode outputs for already-encoded inputs (see `encode`), `batch_size` rows at a time.
+
+    `row_factors` gives every input row its own LoRA (rows of the factors = rows of input).
+    """
+    model, tok = backbone.model, backbone.tokenizer
+    causal = backbone.family == "causal"
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    for start in range(0, len(input_ids), batch_size):
+        chunk = input_ids[start : start + batch_size]
+        ids, mask = pad_inputs(chunk, tok.pad_token_id, left=causal)
+        kwargs = settings.kwargs() | {"pad_token_id": tok.pad_token_id}
+        hooks: AbstractContextManager[Any] = nullcontext()
+        if row_factors is not None:
+            rows = slice(start, start + len(chunk))
+            hooks = row_lora(model, {name: f.select(rows) for name, f in row_factors.items()})
+        with hooks:
+            out = model.generate(  # type: ignore[operator]
+                input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
+            )
+        if causal:
+            out = out[:, ids.shape[1] :]
+        outputs.extend(t.strip() for t in tok.batch_decode(out, skip_special_tokens=True))
+    return outputs
+
+
+def generate(
+    backbone: Backbone,
+    texts: list[str],
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_input_tokens: int = 128,
+    batch_size: int = 32,
+    row_factors: Mapping[str, RowFactors] | None = None,
+) -> list[str]:
+    """Restyle `texts` with the backbone as loaded (merge an adapter in, or pass per-row
+    `row_factors`); inputs longer than `max_input_tokens` are truncated."""
+    settings = GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_p)
+    ids = encode(backbone, texts, max_input_tokens)
+    return generate_ids(backbone, ids, settings, batch_size, row_factors)

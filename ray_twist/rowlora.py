@@ -1,0 +1,240 @@
+"""Per-row LoRA: rows of one batch, each with its own adapter, in a single forward pass.
+
+`RowLoRA(model)` puts a forward hook on LoRA target modules of a *plain* Hugging Face model
+(nn.Linear, or GPT-2's Conv1D, which computes x @ W with W stored (in, out)). For row i of
+the batch a hooked module returns
+
+    y_i = base(x_i) + B_i (A_i x_i)                         per-row factors ("instance"), or
+    y_i = base(x_i) + B_all (d_i ⊙ (A_all x_i))             shared stack, per-row weights ("mixture")
+
+computed with batched matmuls over all rows at once (torch.bmm / broadcasting), never a
+Python loop over rows. A (…, d_in) input is viewed as (n, L, d_in); n must be a multiple k of
+the R rows given, and consecutive groups of k inputs belong to one row. That covers what
+`generate` does with `num_beams` / `num_return_sequences` > 1 (it repeat_interleaves the
+batch) and modules that see the batch flattened row-major to (R·T, d_in).
+
+Factors are keyed by module path; PEFT's saved paths ("base_model.model.<path>") are mapped
+to `model.named_modules()` names by stripping that prefix. B carries the LoRA scaling, as
+`ray_twist.merge.read_adapter` returns it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ray_twist.merge import MergeSources
+
+PEFT_PREFIX = "base_model.model."
+
+
+def plain_module_name(path: str) -> str:
+    """PEFT's saved module path → the name in the plain model's `named_modules()`."""
+    return path.removeprefix(PEFT_PREFIX)
+
+
+@dataclass(frozen=True)
+class RowFactors:
+    """One module's LoRA factors for R rows.
+
+    Per row: `a` (R, q, d_in), `b` (R, d_out, q), `scale` None.
+    Mixture: `a` (K, d_in) and `b` (d_out, K) shared by all rows, `scale` (R, K) per-row
+    column weights (K = Σ r_s over the stacked sources).
+    """
+
+    a: Tensor
+    b: Tensor
+    scale: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale is None:
+            ok = self.a.ndim == 3 and self.b.ndim == 3 and self.a.shape[0] == self.b.shape[0]
+            ok = ok and self.a.shape[1] == self.b.shape[2]
+            want = "a (R, q, d_in) and b (R, d_out, q)"
+        else:
+            ok = self.a.ndim == 2 and self.b.ndim == 2 and self.scale.ndim == 2
+            ok = ok and self.a.shape[0] == self.b.shape[1] == self.scale.shape[1]
+            want = "a (K, d_in), b (d_out, K) and scale (R, K)"
+        if not ok:
+            got = [tuple(t.shape) for t in (self.a, self.b, self.scale) if t is not None]
+            raise ValueError(f"row factors must be {want}; got shapes {got}")
+
+    @property
+    def rows(self) -> int:
+        return int(self.a.shape[0] if self.scale is None else self.scale.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the delta."""
+        return int(self.b.shape[-2]), int(self.a.shape[-1])
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> RowFactors:
+        scale = None if self.scale is None else self.scale.to(device, dtype)
+        return RowFactors(self.a.to(device, dtype), self.b.to(device, dtype), scale)
+
+    def select(self, index: Tensor | slice | Sequence[int]) -> RowFactors:
+        """The factors of a subset of rows (e.g. one generation batch)."""
+        if self.scale is None:
+            return RowFactors(self.a[index], self.b[index])
+        return RowFactors(self.a, self.b, self.scale[index])
+
+    def delta(self, x: Tensor) -> Tensor:
+        """B_row (A_row x) for an input (n, …, d_in) whose n is a multiple of the rows."""
+        n, rows = x.shape[0], self.rows
+        if n % rows:
+            raise ValueError(
+                f"batch of {n} does not split into the {rows} rows the LoRA factors were set "
+                "for; set one row of factors per input row"
+            )
+        k = n // rows
+        flat = x.reshape(n, -1, x.shape[-1])
+        if self.scale is None:
+            a, b = (t.repeat_interleave(k, 0) if k > 1 else t for t in (self.a, self.b))
+            out = torch.bmm(torch.bmm(flat, a.mT), b.mT)
+        else:
+            scale = self.scale.repeat_interleave(k, 0) if k > 1 else self.scale
+            out = ((flat @ self.a.T) * scale.unsqueeze(1)) @ self.b.T
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _module_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a LoRA-able layer: nn.Linear (out, in) or Conv1D (in, out)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D":
+        d_in, d_out = cast(Tensor, module.weight).shape
+        return int(d_out), int(d_in)
+    raise TypeError(f"{type(module).__name__} is not a LoRA target (nn.Linear or Conv1D)")
+
+
+class RowLoRA:
+    """Forward hooks that add per-row LoRA deltas to a plain (non-PEFT) model.
+
+    Hooks go on the modules named in `set_rows` (added on first use, kept until `remove`);
+    a hooked module with no factors set passes its output through unchanged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if hasattr(model, "peft_config"):
+            raise TypeError(
+                "RowLoRA needs the plain base model, not a PeftModel "
+                "(use the base, or merge_and_unload() first)"
+            )
+        self.model = model
+        self._modules = dict(model.named_modules())
+        self._hooks: dict[str, RemovableHandle] = {}
+        self._rows: dict[str, RowFactors] = {}
+
+    def set_rows(self, factors: Mapping[str, RowFactors]) -> RowLoRA:
+        """Use these per-row factors (keys: PEFT or plain module paths) from now on."""
+        rows: dict[str, RowFactors] = {}
+        counts = {f.rows for f in factors.values()}
+        if len(counts) > 1:
+            raise ValueError(f"all modules must be given the same number of rows; got {counts}")
+        for path, f in factors.items():
+            name = plain_module_name(path)
+            module = self._modules.get(name)
+            if module is None:
+                raise KeyError(f"module {path!r} is not in the model (looked for {name!r})")
+            if f.shape != _module_shape(module):
+                raise ValueError(
+                    f"{name}: factors give a {f.shape} delta; the layer is {_module_shape(module)}"
+                )
+            weight = module.weight
+            rows[name] = f.to(weight.device, weight.dtype)
+            if name not in self._hooks:
+                self._hooks[name] = module.register_forward_hook(self._hook(name), with_kwargs=True)
+        self._rows = rows
+        return self
+
+    def clear(self) -> None:
+        """Back to the base model (hooks stay, doing nothing)."""
+        self._rows = {}
+
+    def remove(self) -> None:
+        """Take every hook off the model."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._rows = {}
+
+    def _hook(self, name: str):
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor
+        ) -> Tensor | None:
+            rows = self._rows.get(name)
+            if rows is None:
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            return output + rows.delta(x)
+
+        return hook
+
+
+@contextmanager
+def row_lora(model: nn.Module, factors: Mapping[str, RowFactors]) -> Iterator[RowLoRA]:
+    """`with row_lora(model, factors):` run the model with per-row LoRA, then unhook."""
+    hooks = RowLoRA(model).set_rows(factors)
+    try:
+        yield hooks
+    finally:
+        hooks.remove()
+
+
+def per_row_factors(
+    adapters: Sequence[Mapping[str, tuple[Tensor, Tensor]]],
+) -> dict[str, RowFactors]:
+    """One adapter per row ({module → (A (r×d_in), B (d_out×r))}, e.g. `read_adapter(d).modules`
+    or a `MergeSources.merge` target). Ranks may differ: smaller ones are zero-padded."""
+    if not adapters:
+        raise ValueError("need at least one row")
+    modules = set(adapters[0])
+    for i, adapter in enumerate(adapters):
+        if set(adapter) != modules:
+            raise ValueError(f"row {i} has different LoRA modules than row 0")
+    out: dict[str, RowFactors] = {}
+    for module in sorted(modules):
+        pairs = [adapter[module] for adapter in adapters]
+        q = max(a.shape[0] for a, _ in pairs)
+        a = torch.stack([nn.functional.pad(a, (0, 0, 0, q - a.shape[0])) for a, _ in pairs])
+        b = torch.stack([nn.functional.pad(b, (0, q - b.shape[1])) for _, b in pairs])
+        out[module] = RowFactors(a, b)
+    return out
+
+
+def instance_factors(
+    sources: MergeSources, weights: Tensor | list[dict[str, float]], rank: int
+) -> dict[str, RowFactors]:
+    """Paper-faithful per-row adapters: each row's Σ_s w_s ΔW_s, truncated to rank q by SVD."""
+    w = sources.weights_tensor(weights)
+    return {m: RowFactors(a, b) for m, a, b in sources.merge_modules(w, rank, method="svd")}
+
+
+class MixtureStack:
+    """The sources' factors concatenated once per module, for untruncated per-row mixtures.
+
+    `rows(weights)` gives y = W x + B_all (d_row ⊙ (A_all x)) with d_row each row's source
+    weights repeated over that source's rank: exactly Σ_s w_s ΔW_s, at Σr_s·(d_in + d_out)
+    extra MACs per token. Build it once (it holds the stacks) and reuse it for every batch.
+    """
+
+    def __init__(self, sources: MergeSources, device: torch.device | str | None = None) -> None:
+        self.sources = sources
+        self._stacks: dict[str, tuple[Tensor, Tensor]] = {}
+        for module in sources.modules:
+            a_list, b_list = sources.factors(module)
+            self._stacks[module] = (torch.cat(a_list).to(device), torch.cat(b_list, 1).to(device))
+
+    def rows(self, weights: Tensor | list[dict[str, float]]) -> dict[str, RowFactors]:
+        """Per-row factors for source weights (R, N) (or {source → weight} dicts)."""
+        w = self.sources.weights_tensor(weights)
+        return {
+            module: RowFactors(a, b, self.sources.stack(module).column_weights(w.to(a)))
+            for module, (a, b) in self._stacks.items()
+        }
