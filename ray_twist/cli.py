@@ -141,6 +141,85 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pool_build(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ray_twist.build import build_pool, summary_table
+    from ray_twist.config import BuildPoolConfig, load_yaml
+
+    report = build_pool(load_yaml(args.config, BuildPoolConfig), progress=not args.no_progress)
+    Console().print(summary_table(report))
+    return 0
+
+
+def cmd_restyle(args: argparse.Namespace) -> int:
+    from ray_twist.merge import read_adapter
+    from ray_twist.restyle import restyle_corpus
+
+    base_model = args.base_model or read_adapter(args.adapter).config.get("base_model_name_or_path")
+    if not base_model:
+        print("error: the adapter names no base model; pass --base-model", file=sys.stderr)
+        return 2
+    summary = restyle_corpus(args.input, args.output, base_model, args.adapter,
+                             style=args.style, batch_size=args.batch_size,
+                             concurrency=(args.min_workers, args.max_workers),
+                             max_new_tokens=args.max_new_tokens)  # fmt: skip
+    _print_json(summary)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ray_twist.serve import serve_main
+
+    return serve_main(args.config)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from ray_twist.adapt import adapt
+    from ray_twist.config import AdaptConfig, load_yaml
+    from ray_twist.data.readers import read_corpus
+
+    config = load_yaml(args.config, AdaptConfig) if args.config else AdaptConfig()
+    overrides = {"init": args.init, "rank": args.rank}
+    config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if args.lam is not None or args.tau is not None or args.top_k is not None:
+        config = config.model_copy(update={"retrieval": _retrieval(args)})
+    task = read_corpus(args.target)
+    result = adapt(task, args.out, config, pool=args.pool)
+    print(f"adapted {task.name!r} ({len(task)} examples, init {result.init}) → {args.out}")
+    _print_json(result.metrics)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ray_twist.evaluate import evaluate_adapter
+
+    report = evaluate_adapter(args.adapter, args.test, style=args.style,
+                              style_data=args.style_data, perplexity=args.perplexity,
+                              out=args.out)  # fmt: skip
+    summary = report.summary()
+    if args.json:
+        _print_json(summary)
+        return 0
+    for key in ("style", "n", "acc", "acc_rule", "bleu", "bleu_against", "g",
+                "classifier_heldout_acc", "perplexity"):  # fmt: skip
+        if summary.get(key) is not None:
+            value = summary[key]
+            print(
+                f"  {key:<24} {value:.2f}" if isinstance(value, float) else f"  {key:<24} {value}"
+            )
+    for note in summary.get("notes", []):
+        print(f"  note: {note}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ray_twist.demo import run_demo
+
+    run_demo(args.workdir, quick=args.quick)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -154,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pool = sub.add_parser("pool", help="build, inspect and extend weight pools")
     pool_sub = pool.add_subparsers(dest="pool_command", required=True)
+    build = pool_sub.add_parser("build", help="train sources (Ray Train + DeepSpeed), key, "
+                                "cluster and commit a pool from a YAML config")  # fmt: skip
+    build.add_argument("--config", required=True, help="see jobs/configs/build_pool_*.yaml")
+    build.add_argument("--no-progress", action="store_true", help="no live progress table")
+    build.set_defaults(handler=cmd_pool_build)
     show = pool_sub.add_parser("show", help="sources, clusters, keys and metrics of a pool")
     show.add_argument("--pool", required=True, help="pool URI (path, file://, s3://, gs://)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
@@ -195,6 +279,51 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", help="torch device for the merge [cuda if available]")
     _add_retrieval_args(merge)
     merge.set_defaults(handler=cmd_merge)
+    adapt_cmd = sub.add_parser("adapt", help="initialise (TWIST or a baseline) and fine-tune a "
+                               "target LoRA on a few examples (Ray Train + DeepSpeed)")  # fmt: skip
+    adapt_cmd.add_argument("--pool", help="pool URI (every init but scratch needs one)")
+    adapt_cmd.add_argument(
+        "--target", required=True, help="target examples (JSONL/CSV/Parquet/.txt)"
+    )
+    adapt_cmd.add_argument("--out", required=True, help="output PEFT adapter directory")
+    adapt_cmd.add_argument("--init", choices=["twist", "scratch", "uniform", "dense-svd-avg"])
+    adapt_cmd.add_argument("--rank", type=int, help="q, the target LoRA rank [8]")
+    adapt_cmd.add_argument("--config", help="YAML AdaptConfig (training, resources, ...)")
+    adapt_cmd.add_argument("--lambda", dest="lam", type=float, default=None)
+    adapt_cmd.add_argument("--tau", type=float, default=None)
+    adapt_cmd.add_argument("--top-k", type=int, default=None)
+    adapt_cmd.set_defaults(handler=cmd_adapt)
+
+    eval_cmd = sub.add_parser("eval", help="style accuracy, BLEU and G-score of an adapter")
+    eval_cmd.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    eval_cmd.add_argument("--test", required=True, help="test set: source [+ target/references]")
+    eval_cmd.add_argument("--style", help="target style name [the adapter's recorded target]")
+    eval_cmd.add_argument("--style-data", help="text,label table to train the style classifier")
+    eval_cmd.add_argument("--perplexity", action="store_true", help="also base-model perplexity")
+    eval_cmd.add_argument("--out", help="directory for the summary and per-example scores")
+    eval_cmd.add_argument("--json", action="store_true")
+    eval_cmd.set_defaults(handler=cmd_eval)
+
+    restyle = sub.add_parser("restyle", help="restyle a corpus in bulk with Ray Data")
+    restyle.add_argument("--adapter", required=True, help="PEFT adapter dir of the target style")
+    restyle.add_argument("--input", required=True, help="Parquet / JSONL / text URI")
+    restyle.add_argument("--output", required=True, help="output URI (Parquet parts; resumable)")
+    restyle.add_argument("--base-model", help="[the adapter's base_model_name_or_path]")
+    restyle.add_argument("--style", help="style label written with each row")
+    restyle.add_argument("--batch-size", type=int, default=16)
+    restyle.add_argument("--min-workers", type=int, default=1)
+    restyle.add_argument("--max-workers", type=int, default=1)
+    restyle.add_argument("--max-new-tokens", type=int, default=32)
+    restyle.set_defaults(handler=cmd_restyle)
+
+    serve_cmd = sub.add_parser("serve", help="run the Ray Serve endpoint (blocks; Ctrl-C stops)")
+    serve_cmd.add_argument("--config", required=True, help="see jobs/configs/serve.yaml")
+    serve_cmd.set_defaults(handler=cmd_serve)
+
+    demo = sub.add_parser("demo", help="the whole pipeline offline on the local Ray, in minutes")
+    demo.add_argument("--workdir", default="runs/demo", help="where artefacts go [runs/demo]")
+    demo.add_argument("--quick", action="store_true", help="smaller sizes (tests, smoke runs)")
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 
