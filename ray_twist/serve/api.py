@@ -1,0 +1,195 @@
+"""The HTTP contract: request and response models, and how bad input becomes a 4xx.
+
+Requests are parsed from the raw body here, not by FastAPI, so every failure has one shape
+and names its field: `{"error": CODE, "field": "texts[2]", "message": ..., "details": [...]}`
+(field "body" for the body as a whole). Limits come from the server config and reach the
+validators as pydantic validation context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from ray_twist.serve.config import LimitSettings
+
+Mode = Literal["adapted", "instance", "mixture"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status, error code, the field at fault, a message."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        field: str | None,
+        message: str,
+        details: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        super().__init__(status, error, field, message, details)
+        self.status, self.error, self.field, self.message = status, error, field, message
+        self.details = list(details)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": self.error,
+            "field": self.field,
+            "message": self.message,
+            "details": self.details,
+        }
+
+
+class InputError(ApiError):
+    """Input that passes the schema but not the model (unknown style, too many tokens)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(422, "invalid_input", field, message)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses Ray process boundaries
+        return (InputError, (self.field, self.message))
+
+
+def _limits(info: ValidationInfo) -> LimitSettings:
+    context = info.context or {}
+    return context.get("limits") or LimitSettings()
+
+
+def _text(value: str, info: ValidationInfo) -> str:
+    if not value.strip():
+        raise ValueError("text is empty or whitespace only")
+    limit = _limits(info).max_text_chars
+    if len(value) > limit:
+        raise ValueError(f"text has {len(value)} characters; the limit is {limit}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+
+
+class RestyleRequest(BaseModel):
+    """POST /v1/restyle. Types are strict: "5" is not a number, 1 is not a boolean."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    texts: list[Text] = Field(min_length=1, description="sentences to restyle")
+    style: str | None = Field(
+        default=None,
+        description="adapted: the target adapter (a registered style or pool source); "
+        "instance/mixture: whose style key is the task-level query (null: each sentence "
+        "is its own query)",
+    )
+    mode: Mode = Field(
+        default="adapted",
+        description="adapted: the named adapter; instance: per-sentence retrieval + rank-q "
+        "SVD merge; mixture: per-sentence untruncated mixture of the pool's adapters",
+    )
+    max_new_tokens: int | None = Field(default=None, ge=1, description="default: server's")
+    num_beams: int = Field(default=1, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    timeout_s: float | None = Field(
+        default=None, gt=0.0, description="give up (504) after this long; ≤ the server's limit"
+    )
+
+    @field_validator("texts")
+    @classmethod
+    def _count(cls, texts: list[str], info: ValidationInfo) -> list[str]:
+        limit = _limits(info).max_texts
+        if len(texts) > limit:
+            raise ValueError(f"{len(texts)} texts; the limit is {limit} per request")
+        return texts
+
+    @field_validator("max_new_tokens", "num_beams", "temperature", "timeout_s")
+    @classmethod
+    def _within_limit(cls, value: float | None, info: ValidationInfo) -> float | None:
+        limits = _limits(info)
+        limit = {
+            "max_new_tokens": limits.max_new_tokens,
+            "num_beams": limits.max_num_beams,
+            "temperature": limits.max_temperature,
+            "timeout_s": limits.request_timeout_s,
+        }[str(info.field_name)]
+        if value is not None and value > limit:
+            raise ValueError(f"must be <= {limit} on this server")
+        return value
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int = Field(description="tokens of the decoded outputs, re-tokenized")
+
+
+class Timing(BaseModel):
+    """Where the batch this request rode in spent its time (shared by its requests)."""
+
+    retrieval_ms: float = Field(description="featurizing inputs + retrieval scores")
+    merge_ms: float = Field(description="per-row factors: SVD merges, mixtures, stacking")
+    generate_ms: float
+    batch_requests: int
+    batch_rows: int
+    batch_styles: int = Field(description="distinct adapters/mixtures among the batch's rows")
+
+
+class RestyleResponse(BaseModel):
+    outputs: list[str]
+    retrieval: list[dict[str, float]] = Field(
+        description="per text: source (or adapter) → weight used; nonzero weights only"
+    )
+    mode: Mode
+    style: str | None
+    usage: Usage
+    timing: Timing
+
+
+class ErrorBody(BaseModel):
+    error: str
+    field: str | None
+    message: str
+    details: list[dict[str, Any]] = []
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """Pydantic's ('texts', 2) → 'texts[2]'; the body itself → 'body'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    details = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = field_path(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        details.append({"field": field, "message": message, "type": err["type"]})
+    first = details[0]
+    if first["type"] == "json_invalid":
+        return ApiError(400, "invalid_json", "body", f"body is not valid JSON: {first['message']}")
+    return ApiError(422, "invalid_request", first["field"], first["message"], details)
+
+
+def parse_restyle(body: bytes, limits: LimitSettings) -> RestyleRequest:
+    """Raw body → validated request, or an ApiError naming the field."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400, "invalid_encoding", "body", f"body is not UTF-8 (byte {exc.start})"
+        ) from None
+    try:
+        return RestyleRequest.model_validate_json(text, context={"limits": limits})
+    except ValidationError as exc:
+        raise _validation_error(exc) from None

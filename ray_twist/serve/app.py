@@ -1,0 +1,318 @@
+"""The Ray Serve application: a FastAPI ingress in front of autoscaled generator replicas.
+
+    HTTP ──► Ingress (FastAPI: parse, validate, time out) ──handle──► Generator replicas
+                                                                    (Engine + adapter LRU,
+                                                                     @serve.batch over texts)
+
+Named adapters are cached per replica with `@serve.multiplexed` (LRU, size from the
+config). The ingress does not route by multiplexed model id on purpose: Serve splits a
+`@serve.batch` batch by that id, and the point of the per-row LoRA path is that requests
+for different adapters share one batch and one forward pass.
+"""
+
+# No `from __future__ import annotations` here: FastAPI resolves the route signatures of a
+# Serve ingress class inside the replica, where postponed (string) annotations do not resolve.
+import asyncio
+import sys
+import time
+from typing import Any, cast
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve import Deployment
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+
+from ray_twist.config import ConfigError, format_validation_error, load_yaml
+from ray_twist.merge import ModuleFactors
+from ray_twist.pool import Pool
+from ray_twist.serve.api import (
+    ApiError,
+    ErrorBody,
+    RestyleRequest,
+    RestyleResponse,
+    parse_restyle,
+)
+from ray_twist.serve.config import ServeConfig
+from ray_twist.serve.engine import Catalog, Engine, Work
+
+_UNAVAILABLE = (
+    ActorDiedError,
+    ActorUnavailableError,
+    RayActorError,
+    DeploymentUnavailableError,
+)
+
+
+class _Cached:
+    """A cached adapter. Serve calls `__del__` when its LRU evicts one (Python may call it
+    again at collection, hence the identity check)."""
+
+    def __init__(self, name: str, factors: ModuleFactors, live: dict[str, "_Cached"]) -> None:
+        self.name, self.factors, self._live = name, factors, live
+        live[name] = self
+
+    def __del__(self) -> None:
+        if self._live.get(self.name) is self:
+            del self._live[self.name]
+
+
+class _Passes:
+    """Forward passes, one at a time, each taking every work queued so far (up to
+    `max_rows` texts).
+
+    Serve forms the next `@serve.batch` batch as soon as its wait time is up, even while
+    the model is still busy with the previous one, so under load batches would stay as
+    small as what arrives within one wait. Queued here instead, the batches that form
+    while a pass runs share the next pass. Works whose request was cancelled (timed out)
+    are dropped before their pass.
+    """
+
+    def __init__(self, engine: Engine, max_rows: int) -> None:
+        self.engine, self.max_rows = engine, max_rows
+        self.queue: list[tuple[Work, asyncio.Future[RestyleResponse]]] = []
+        self.runner: asyncio.Task[None] | None = None
+
+    def submit(self, works: list[Work]) -> list[asyncio.Future[RestyleResponse]]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[RestyleResponse]] = [loop.create_future() for _ in works]
+        self.queue.extend(zip(works, futures, strict=True))
+        if self.runner is None or self.runner.done():
+            self.runner = asyncio.create_task(self._drain())
+        return futures
+
+    async def _drain(self) -> None:
+        while self.queue:
+            take, rows = 1, len(self.queue[0][0].ids)
+            while take < len(self.queue) and rows + len(self.queue[take][0].ids) <= self.max_rows:
+                rows += len(self.queue[take][0].ids)
+                take += 1
+            live = [(w, f) for w, f in self.queue[:take] if not f.done()]
+            del self.queue[:take]
+            if not live:
+                continue
+            try:
+                results = await asyncio.to_thread(self.engine.run, [w for w, _ in live])
+            except Exception as exc:  # the whole pass failed: every request in it hears why
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(live, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """Holds the base model, the pool's factors and an LRU of named adapters."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, int(config.generator.num_cpus)))
+        self.engine = Engine(config)
+        self.loads = 0
+        self.cached: dict[str, _Cached] = {}
+
+        async def load(name: str) -> _Cached:  # a plain function: Serve keeps its LRU on it
+            factors = await asyncio.to_thread(self.engine.load_adapter, name)
+            self.loads += 1
+            return _Cached(name, factors, self.cached)
+
+        size = config.generator.max_adapters_per_replica
+        self._adapter = serve.multiplexed(max_num_models_per_replica=size)(load)
+        # the decorator's setters (not in its type): batches are counted in texts
+        self._batch.set_max_batch_size(config.batching.max_batch_rows)  # type: ignore[attr-defined]
+        self._batch.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self._passes = _Passes(self.engine, config.batching.max_batch_rows)
+
+    async def restyle(self, request: RestyleRequest) -> RestyleResponse:
+        """Check and tokenize one request, then wait for its place in a batch."""
+        work = self.engine.prepare(request)
+        if request.mode == "adapted" and work.style is not None:
+            work.adapter = (await self._adapter(work.style.name)).factors
+        return await (await self._batch(work))
+
+    @serve.batch(max_batch_size=32, batch_size_fn=lambda works: sum(len(w.ids) for w in works))
+    async def _batch(self, works: list[Work]) -> list[asyncio.Future[RestyleResponse]]:
+        """Serve's batch joins the queue of the next forward pass (see `_Passes`)."""
+        return self._passes.submit(works)
+
+    def stats(self) -> dict[str, Any]:
+        """Replica id, adapters now cached, and how many were loaded and evicted."""
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "adapters": sorted(self.cached),
+            "loads": self.loads,
+            "evictions": self.loads - len(self.cached),
+        }
+
+
+api = FastAPI(
+    title="ray-twist",
+    summary="Restyle text with TWIST style adapters: named, or retrieved and merged per sentence",
+    version="1",
+)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 413, 415, 422, 503, 504)
+}
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    """A bug or a broken deployment: still JSON, and the replica keeps serving."""
+    message = f"internal error ({type(exc).__name__}); see the replica logs"
+    return JSONResponse(ApiError(500, "internal", None, message).body(), status_code=500)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` bytes (chunked or not)."""
+    declared = request.headers.get("content-length")
+    too_big = ApiError(413, "body_too_large", "body", f"body exceeds {limit} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _answer(
+    response: DeploymentResponse | DeploymentResponseGenerator, timeout_s: float
+) -> Any:
+    """The generator's answer; Ray failures become 503/504 instead of a hang or a 500."""
+    response = cast(DeploymentResponse, response)  # unary methods only
+    try:
+        return await asyncio.wait_for(response, timeout_s)
+    except TimeoutError:
+        response.cancel()
+        raise ApiError(504, "timeout", None, f"no answer within {timeout_s:g} s") from None
+    except BackPressureError:
+        raise ApiError(503, "overloaded", None, "all replicas are busy; retry later") from None
+    except _UNAVAILABLE as exc:
+        message = f"replica unavailable ({type(exc).__name__}); retry"
+        raise ApiError(503, "unavailable", None, message) from None
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: parses and validates requests, hands them to the generator, times out."""
+
+    def __init__(self, config: ServeConfig, generator: DeploymentHandle) -> None:
+        self.config, self.generator = config, generator
+        self._pool = Pool.open(config.pool) if config.pool else None
+        self.catalog = Catalog(config, self._pool)
+
+    @api.post(
+        "/v1/restyle",
+        response_model=RestyleResponse,
+        responses=_ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": RestyleRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def restyle(self, request: Request) -> Any:
+        """Restyle texts with a named adapter, or per sentence with retrieved adapters."""
+        kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+        if kind != "application/json" and not kind.endswith("+json"):
+            raise ApiError(415, "unsupported_media_type", "content-type", f"{kind} is not JSON")
+        limits = self.config.limits
+        body = parse_restyle(await _read_body(request, limits.max_body_bytes), limits)
+        timeout = body.timeout_s or limits.request_timeout_s
+        return await _answer(self.generator.restyle.remote(body), timeout)
+
+    @api.get("/v1/styles")
+    async def styles(self) -> dict[str, Any]:
+        """Styles a request may name, and the modes each serves."""
+        return {"styles": self.catalog.describe()}
+
+    @api.get("/v1/pool", responses={404: {"model": ErrorBody}})
+    async def pool_summary(self) -> dict[str, Any]:
+        """The weight pool behind instance and mixture modes."""
+        pool = self._pool
+        if pool is None:
+            raise ApiError(404, "no_pool", None, "this server has no weight pool")
+        return {
+            "uri": pool.uri,
+            "generation": pool.generation,
+            "base_model": pool.base_model,
+            "featurizer": pool.featurizer,
+            "lora": pool.lora_config,
+            "sources": [
+                {"name": n, "cluster": int(c), "n_examples": int(k)}
+                for n, c, k in zip(pool.sources, pool.cluster_of, pool.n_examples, strict=True)
+            ],
+            "clusters": pool.cluster_members,
+            "retrieval": self.config.retrieval.model_dump(by_alias=True),
+        }
+
+    @api.get("/healthz", responses={503: {"model": ErrorBody}})
+    async def healthz(self) -> dict[str, Any]:
+        """200 when a generator replica answers within 5 s (else 503 or 504)."""
+        stats = await _answer(self.generator.stats.remote(), 5.0)
+        return {"status": "ok", "generator": stats["replica"]}
+
+
+def build_app(config: ServeConfig) -> serve.Application:
+    """The Serve application for a config (GPUs resolved against the running cluster)."""
+    gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+    generator = cast(Deployment, Generator).options(**config.generator.options(gpus)).bind(config)
+    return cast(Deployment, Ingress).options(**config.ingress.options(gpus)).bind(config, generator)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """`import_path: ray_twist.serve:app_builder` in a Serve config file; `args` is a
+    ServeConfig as a mapping."""
+    try:
+        config = ServeConfig.model_validate(args)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "serve config args")) from None
+    return build_app(config)
+
+
+def run(config: ServeConfig | str) -> str:
+    """Start Ray (or join RAY_ADDRESS) and Serve, deploy, return the endpoint URL."""
+    if not isinstance(config, ServeConfig):
+        config = load_yaml(config, ServeConfig)
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster at RAY_ADDRESS when set
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix)
+    return f"http://{config.http.host}:{config.http.port}{config.route_prefix.rstrip('/')}"
+
+
+def serve_main(config_path: str) -> int:
+    """`twist serve --config FILE`: deploy, print the URL, block until Ctrl-C, undeploy."""
+    try:
+        config = load_yaml(config_path, ServeConfig)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    url = run(config)
+    print(f"serving on {url}  (API docs: {url}/docs); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(config.name)
+    return 0

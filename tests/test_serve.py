@@ -1,0 +1,373 @@
+"""Serving on a real local Ray Serve over real HTTP (loopback): modes, multiplexing, batch
+exactness, bad input, time-outs and a killed replica."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from test_rowlora import save_random_adapter
+
+from ray_twist.backbone import Backbone, load_backbone
+from ray_twist.config import ConfigError, load_yaml
+from ray_twist.features import TaskKey
+from ray_twist.generation import generate
+from ray_twist.merge import MergeSources, read_adapter, write_adapter
+from ray_twist.pool import Pool, SourceEntry, add_sources
+from ray_twist.serve import ServeConfig, app_builder, run
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "twist-test"
+SOURCES = ["src-a", "src-b", "src-c"]
+STYLES = {"formal": 2, "casual": 4}  # registered adapters (name → rank) on the default targets
+LIMITS = {"max_texts": 4, "max_text_chars": 400, "max_input_tokens": 24, "max_new_tokens": 12,
+          "default_max_new_tokens": 6, "max_num_beams": 2, "max_body_bytes": 4096,
+          "request_timeout_s": 60}  # fmt: skip
+TEXTS = ["the old dog sleeps near the river", "a green sun", "she runs under the bridge"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def world(tiny_backbones, tmp_path_factory) -> dict:
+    """A tiny T5, a pool of 3 random adapters, and registered styles (one, "pirate", on
+    more modules than the others; one, "poet", with examples for retrieval)."""
+    root = tmp_path_factory.mktemp("serve")
+    base = tiny_backbones["t5"]
+    rng = np.random.default_rng(0)
+    entries = []
+    for seed, name in enumerate(SOURCES, start=1):
+        adapter = save_random_adapter(base, root / "sources" / name, seed=seed, rank=4)
+        key = TaskKey(rng.normal(size=384), rng.normal(size=384), n_examples=10)
+        entries.append(SourceEntry(name, adapter, key))
+    add_sources(root / "pool", entries, base_model=base)
+    styles = {
+        n: save_random_adapter(base, root / n, seed=10 + r, rank=r) for n, r in STYLES.items()
+    }
+    torch.manual_seed(7)
+    lora = LoraConfig(
+        r=3, lora_alpha=6, target_modules=["q", "k", "v", "o"], init_lora_weights=False
+    )
+    get_peft_model(load_backbone(base).model, lora).save_pretrained(str(root / "pirate"))
+    styles["pirate"] = str(root / "pirate")
+    examples = root / "poet.jsonl"
+    pairs = [("the day is long", "long is the day"), ("i see the sea", "the sea i see")]
+    examples.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
+    poet = save_random_adapter(base, root / "poet", seed=20, rank=2)
+    config = {
+        "name": APP,
+        "pool": str(root / "pool"),
+        "styles": {**styles, "poet": {"adapter": poet, "examples": str(examples)}},
+        "retrieval": {"rank": 4, "top_k": 2},
+        "limits": LIMITS,
+        "batching": {"max_batch_rows": 16, "batch_wait_timeout_s": 0.5},
+        "generator": {"num_replicas": 1, "num_cpus": 1, "max_adapters_per_replica": 2,
+                      "health_check_period_s": 1, "health_check_timeout_s": 30},
+        "ingress": {"num_replicas": 1, "num_cpus": 0.1},
+        "http": {"host": "127.0.0.1", "port": _free_port()},
+    }  # fmt: skip
+    return {"base": base, "root": root, "styles": styles, "config": config}
+
+
+@pytest.fixture(scope="module")
+def url(world, ray_session):
+    from ray import serve
+
+    yield run(ServeConfig.model_validate(world["config"]))
+    serve.delete(APP)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, timeout=120) as c:
+        yield c
+
+
+def _stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("Generator", app_name=APP).stats.remote().result()
+
+
+def test_docs_styles_pool_health(client) -> None:
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/restyle"]["post"]["requestBody"]["content"]["application/json"]
+    assert "texts" in body["schema"]["properties"]
+    styles = {s["name"]: s for s in client.get("/v1/styles").json()["styles"]}
+    assert set(styles) == {*SOURCES, *STYLES, "pirate", "poet"}
+    assert styles["formal"]["modes"] == ["adapted"]
+    assert styles["poet"]["modes"] == styles["src-a"]["modes"] == ["adapted", "instance", "mixture"]
+    pool = client.get("/v1/pool").json()
+    assert [s["name"] for s in pool["sources"]] == SOURCES and pool["generation"] == 1
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("mode", ["adapted", "instance", "mixture"])
+def test_each_mode_returns_outputs(client, mode: str) -> None:
+    style = "formal" if mode == "adapted" else None
+    r = client.post("/v1/restyle", json={"texts": TEXTS[:2], "mode": mode, "style": style})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["outputs"]) == 2 and all(isinstance(t, str) for t in out["outputs"])
+    assert out["usage"]["input_tokens"] > 0
+    for weights in out["retrieval"]:
+        if mode == "adapted":
+            assert weights == {"formal": 1.0}
+        else:  # top_k=2 of the pool's sources, summing to one
+            assert set(weights) <= set(SOURCES) and 1 <= len(weights) <= 2
+            assert sum(weights.values()) == pytest.approx(1.0)
+
+
+def test_instance_mode_with_a_style_query(client) -> None:
+    """A named style's key is the task-level query: the weights follow it, not the text."""
+    outs = [
+        client.post("/v1/restyle", json={"texts": TEXTS[:1], "mode": "instance", "style": s})
+        for s in (None, "poet", "src-b")
+    ]
+    assert all(r.status_code == 200 for r in outs), [r.text for r in outs]
+    weights = [r.json()["retrieval"][0] for r in outs]
+    assert weights[0] != weights[1] or weights[0] != weights[2]
+
+
+def test_multiplexing_loads_and_evicts(client) -> None:
+    """Two adapters fit per replica: a third evicts the least recently used."""
+    for style in ("formal", "casual", "pirate"):
+        r = client.post("/v1/restyle", json={"texts": TEXTS[:1], "style": style})
+        assert r.status_code == 200, r.text
+    before = _stats()
+    assert before["adapters"] == ["casual", "pirate"]
+    r = client.post("/v1/restyle", json={"texts": TEXTS[:1], "style": "pirate"})  # a hit
+    assert _stats()["loads"] == before["loads"]
+    r = client.post("/v1/restyle", json={"texts": TEXTS[:1], "style": "formal"})  # evicts casual
+    assert r.status_code == 200
+    after = _stats()
+    assert after["adapters"] == ["formal", "pirate"]
+    assert after["loads"] == before["loads"] + 1
+    assert after["evictions"] == before["evictions"] + 1
+
+
+def _peft(base: str, adapter_dir: str) -> Backbone:
+    backbone = load_backbone(base)
+    backbone.model = PeftModel.from_pretrained(backbone.model, adapter_dir).merge_and_unload()
+    return backbone
+
+
+def _alone(world: dict, request: dict, weights: dict[str, float], tmp: Path) -> str:
+    """The reference: this one text through PEFT with its own adapter merged in."""
+    mode = request.get("mode", "adapted")
+    if mode == "adapted":
+        style = request["style"]
+        adapter = world["styles"].get(style) or str(world["root"] / "sources" / style)
+    else:  # the weights the server used, merged here: rank-q SVD, or the exact sum
+        pool = Pool.open(world["config"]["pool"])
+        sources = MergeSources(
+            pool.sources, [read_adapter(pool.adapter_dir(n)) for n in pool.sources]
+        )
+        method = "svd" if mode == "instance" else "linear"
+        [factors] = sources.merge([weights], rank=4, method=method)
+        adapter = str(write_adapter(tmp, factors, sources.template))
+    max_new = request.get("max_new_tokens", LIMITS["default_max_new_tokens"])
+    return generate(_peft(world["base"], adapter), request["texts"], max_new_tokens=max_new)[0]
+
+
+def test_one_batch_of_many_adapters_equals_rows_alone(client, url, world, tmp_path) -> None:
+    """Concurrent requests with different adapters and modes ride one batch (one forward
+    pass per decoding setting); every row's output equals that row run alone through PEFT."""
+    requests = [
+        {"texts": [TEXTS[0]], "style": "formal"},
+        {"texts": [TEXTS[1]], "style": "casual"},
+        {"texts": [TEXTS[2]], "style": "pirate"},  # more LoRA modules than the rest
+        {"texts": [TEXTS[0]], "style": "src-b"},  # a pool source as a named adapter
+        {"texts": [TEXTS[1]], "mode": "instance"},
+        {"texts": [TEXTS[2]], "mode": "instance", "style": "src-a"},
+        {"texts": [TEXTS[0]], "mode": "mixture"},
+        {"texts": [TEXTS[1]], "style": "formal", "max_new_tokens": 4},
+    ]
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as ac:
+            return await asyncio.gather(*(ac.post("/v1/restyle", json=r) for r in requests))
+
+    responses = asyncio.run(send_all())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    outs = [r.json() for r in responses]
+    biggest = max(o["timing"]["batch_requests"] for o in outs)
+    assert biggest >= 4, [o["timing"] for o in outs]  # batched across adapters and modes
+    for i, (request, out) in enumerate(zip(requests, outs, strict=True)):
+        expected = _alone(world, request, out["retrieval"][0], tmp_path / str(i))
+        assert out["outputs"] == [expected], request
+
+
+BAD: list[tuple[str, object, int, str]] = [
+    # (case, body: dict → JSON, bytes → raw, expected status, field named)
+    ("invalid JSON", b'{"texts": ["a"', 400, "body"),
+    ("not UTF-8", b'{"texts": ["caf\xe9"], "style": "formal"}', 400, "body"),
+    ("empty body", b"", 400, "body"),
+    ("JSON array, not object", [1, 2], 422, "body"),
+    ("missing texts", {"style": "formal"}, 422, "texts"),
+    ("texts null", {"texts": None, "style": "formal"}, 422, "texts"),
+    ("texts a string", {"texts": "hello", "style": "formal"}, 422, "texts"),
+    ("text a number", {"texts": ["ok", 5], "style": "formal"}, 422, "texts[1]"),
+    ("empty list", {"texts": [], "style": "formal"}, 422, "texts"),
+    ("empty text", {"texts": [""], "style": "formal"}, 422, "texts[0]"),
+    ("whitespace text", {"texts": ["ok", " \t\n"], "style": "formal"}, 422, "texts[1]"),
+    ("too many texts", {"texts": ["a b"] * 5, "style": "formal"}, 422, "texts"),
+    ("text too many chars", {"texts": ["ab " * 150], "style": "formal"}, 422, "texts[0]"),
+    ("text over token limit", {"texts": ["ok", "word " * 40], "style": "formal"}, 422, "texts[1]"),
+    ("body over byte limit", {"texts": ["a" * 5000], "style": "formal"}, 413, "body"),
+    ("unknown style", {"texts": ["hi"], "style": "klingon"}, 422, "style"),
+    ("style wrong type", {"texts": ["hi"], "style": 3}, 422, "style"),
+    ("adapted without style", {"texts": ["hi"]}, 422, "style"),
+    (
+        "style without examples in instance mode",
+        {"texts": ["hi"], "mode": "instance", "style": "formal"},
+        422,
+        "style",
+    ),  # fmt: skip
+    ("unknown mode", {"texts": ["hi"], "style": "formal", "mode": "fast"}, 422, "mode"),
+    (
+        "max_new_tokens 0",
+        {"texts": ["hi"], "style": "formal", "max_new_tokens": 0},
+        422,
+        "max_new_tokens",
+    ),  # fmt: skip
+    (
+        "max_new_tokens over limit",
+        {"texts": ["hi"], "style": "formal", "max_new_tokens": 13},
+        422,
+        "max_new_tokens",
+    ),  # fmt: skip
+    (
+        "max_new_tokens a string",
+        {"texts": ["hi"], "style": "formal", "max_new_tokens": "5"},
+        422,
+        "max_new_tokens",
+    ),  # fmt: skip
+    (
+        "num_beams over limit",
+        {"texts": ["hi"], "style": "formal", "num_beams": 3},
+        422,
+        "num_beams",
+    ),  # fmt: skip
+    (
+        "temperature negative",
+        {"texts": ["hi"], "style": "formal", "temperature": -1},
+        422,
+        "temperature",
+    ),  # fmt: skip
+    ("top_p above one", {"texts": ["hi"], "style": "formal", "top_p": 1.5}, 422, "top_p"),
+    (
+        "do_sample not a bool",
+        {"texts": ["hi"], "style": "formal", "do_sample": "yes"},
+        422,
+        "do_sample",
+    ),  # fmt: skip
+    (
+        "timeout over limit",
+        {"texts": ["hi"], "style": "formal", "timeout_s": 61},
+        422,
+        "timeout_s",
+    ),  # fmt: skip
+    ("unknown field", {"texts": ["hi"], "style": "formal", "temp": 1}, 422, "temp"),
+]
+
+
+def test_bad_input_is_a_4xx_naming_the_field(client) -> None:
+    replica = _stats()["replica"]
+    for case, body, status, field in BAD:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = client.post("/v1/restyle", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == status, (case, r.status_code, r.text)
+        assert r.json()["field"] == field, (case, r.json())
+    r = client.post(
+        "/v1/restyle", content=b'{"texts": ["hi"]}', headers={"content-type": "text/plain"}
+    )
+    assert (r.status_code, r.json()["field"]) == (415, "content-type")
+    assert client.get("/v1/restyle").status_code == 405
+    good = client.post("/v1/restyle", json={"texts": ["still here"], "style": "formal"})
+    assert good.status_code == 200, good.text
+    assert _stats()["replica"] == replica  # the same replica, alive
+
+
+def test_timeout_is_a_clean_504(client) -> None:
+    r = client.post("/v1/restyle", json={"texts": ["hi"], "style": "formal", "timeout_s": 0.05})
+    assert r.status_code == 504, r.text
+    assert r.json()["error"] == "timeout"
+    assert client.post("/v1/restyle", json={"texts": ["hi"], "style": "formal"}).status_code == 200
+
+
+def test_config_files_validate() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    deploy = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(deploy)
+    [app] = schema.applications
+    assert app.import_path == "ray_twist.serve:app_builder"
+    ServeConfig.model_validate(app.args)
+    load_yaml(ROOT / "jobs" / "configs" / "serve.yaml", ServeConfig)
+    with pytest.raises(ConfigError, match="limits.max_texts"):
+        app_builder({"pool": "p", "limits": {"max_texts": 0}})
+    with pytest.raises(ConfigError, match="max_batch_rows"):
+        app_builder({"pool": "p", "limits": {"max_texts": 64}})
+
+
+def test_killed_replica_recovers_under_load(url) -> None:
+    """A bounded load loop; the generator replica is killed mid-way. Failures in between
+    must be clean 503/504s, and requests succeed again once Serve has replaced it."""
+    old = _stats()["replica"]
+    results: list[tuple[float, int]] = []
+    stop = threading.Event()
+    deadline = time.monotonic() + 150
+
+    def load() -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set() and time.monotonic() < deadline:
+                body = {"texts": ["the dog runs"], "style": "formal", "timeout_s": 20}
+                try:
+                    status = c.post("/v1/restyle", json=body).status_code
+                except httpx.HTTPError:
+                    status = 0
+                results.append((time.monotonic(), status))
+
+    workers = [threading.Thread(target=load) for _ in range(3)]
+    for w in workers:
+        w.start()
+    while sum(s == 200 for _, s in results) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [name] = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::") and f"{APP}#Generator#" in a["name"]
+    ]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    killed = time.monotonic()
+    while sum(t > killed and s == 200 for t, s in results) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stop.set()
+    for w in workers:
+        w.join()
+    after = [(t, s) for t, s in results if t > killed]
+    failed = [s for _, s in after if s != 200]
+    back = min((t for t, s in after if s == 200), default=float("nan")) - killed
+    print(f"\nreplica kill: {len(after)} requests finished after the kill, {len(failed)} failed "
+          f"(statuses {sorted(set(failed))}); first success {back:.1f} s after the kill")  # fmt: skip
+    assert sum(s == 200 for _, s in after) >= 3
+    assert set(failed) <= {503, 504}
+    assert _stats()["replica"] != old
