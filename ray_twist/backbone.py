@@ -209,3 +209,21 @@ def build_tiny_backbone(kind: TinyKind, out_dir: str | Path, seed: int = 0) -> s
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+def save_random_lora(base_path: str, out_dir: str | Path, seed: int = 0, rank: int = 4) -> str:
+    """A PEFT LoRA over the default targets with random A *and* B (a non-zero delta,
+    lora_alpha = 2·rank): a stand-in for a trained source in tests and benchmarks."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_backbone(base_path).model
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=default_lora_targets(model.config),
+        fan_in_fan_out=fan_in_fan_out(model.config),
+        init_lora_weights=False,
+    )
+    get_peft_model(model, lora).save_pretrained(str(out_dir))
+    return str(out_dir)

@@ -44,21 +44,14 @@ POOL_STYLES = ["pirate", "sailor", "formal"]
 def t5_pool(tiny_backbones, tmp_path_factory) -> tuple[str, str]:
     """(pool URI, base model path): three random tiny-T5 LoRAs with synthetic corpora,
     added through `twist pool add`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from ray_twist.backbone import default_lora_targets, load_backbone
+    from ray_twist.backbone import save_random_lora
     from ray_twist.cli import main
     from ray_twist.data import make_task, write_task_jsonl
 
     root = tmp_path_factory.mktemp("t5_pool")
     base = tiny_backbones["t5"]
     for i, style in enumerate(POOL_STYLES):
-        torch.manual_seed(i)
-        model = load_backbone(base).model
-        lora = LoraConfig(r=4, lora_alpha=8, target_modules=default_lora_targets(model.config),
-                          init_lora_weights=False)  # fmt: skip
-        get_peft_model(model, lora).save_pretrained(root / f"ad_{style}")
+        save_random_lora(base, root / f"ad_{style}", seed=i, rank=4)
         corpus = write_task_jsonl(make_task(style, 20, seed=i), root / f"{style}.jsonl")
         code = main(["pool", "add", "--pool", str(root / "pool"), "--adapter",
                      str(root / f"ad_{style}"), "--corpus", corpus, "--name", style])  # fmt: skip

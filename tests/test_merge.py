@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
-from ray_twist.backbone import default_lora_targets, fan_in_fan_out, load_backbone
+from ray_twist.backbone import load_backbone, save_random_lora
 from ray_twist.merge import (
     MergeSources,
     dense_svd_merge,
@@ -69,26 +69,12 @@ def test_bad_shapes_and_arguments_are_named() -> None:
         merge_lora_factors(a, b, torch.ones(1, 2), 2, method="ties")  # type: ignore[arg-type]
 
 
-def _save_random_adapter(base_path: str, out: str, seed: int, rank: int) -> None:
-    backbone = load_backbone(base_path)
-    config = backbone.model.config
-    torch.manual_seed(seed)
-    lora = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules=default_lora_targets(config),
-        fan_in_fan_out=fan_in_fan_out(config),
-        init_lora_weights=False,  # random B too, so deltas are non-zero
-    )
-    get_peft_model(backbone.model, lora).save_pretrained(out)
-
-
 @pytest.mark.parametrize("kind", ["t5", "gpt2", "llama", "bert2bert"])
 def test_merge_matches_peft_svd_and_reloads(kind: str, tiny_backbones, tmp_path) -> None:
     base = tiny_backbones[kind]
     names = ["s0", "s1", "s2"]
     for i, name in enumerate(names):
-        _save_random_adapter(base, str(tmp_path / name), seed=i, rank=4)
+        save_random_lora(base, tmp_path / name, seed=i, rank=4)
     weights = [0.5, 0.3, 0.2]
     rank = 3
 
@@ -117,8 +103,8 @@ def test_merge_matches_peft_svd_and_reloads(kind: str, tiny_backbones, tmp_path)
 
 
 def test_sources_refuse_mismatched_modules(tiny_backbones, tmp_path) -> None:
-    _save_random_adapter(tiny_backbones["t5"], str(tmp_path / "t5"), 0, 2)
-    _save_random_adapter(tiny_backbones["llama"], str(tmp_path / "llama"), 0, 2)
+    save_random_lora(tiny_backbones["t5"], tmp_path / "t5", 0, 2)
+    save_random_lora(tiny_backbones["llama"], tmp_path / "llama", 0, 2)
     adapters = [read_adapter(tmp_path / "t5"), read_adapter(tmp_path / "llama")]
     with pytest.raises(ValueError, match="'b' has different LoRA modules"):
         MergeSources(["a", "b"], adapters)

@@ -12,9 +12,8 @@ import pytest
 import ray.cloudpickle
 import torch
 from peft import PeftModel
-from test_rowlora import save_random_adapter
 
-from ray_twist.backbone import Backbone, load_backbone
+from ray_twist.backbone import Backbone, load_backbone, save_random_lora
 from ray_twist.generation import generate
 from ray_twist.merge import MergeSources, read_adapter
 from ray_twist.restyle import (
@@ -58,7 +57,7 @@ def _adapted(base: str, adapter: str) -> Backbone:
 def setup(tiny_backbones, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("restyle")
     base = tiny_backbones["t5"]
-    adapter = save_random_adapter(base, root / "formal", seed=3, rank=4)
+    adapter = save_random_lora(base, root / "formal", seed=3, rank=4)
     ids = [f"r{i:02d}" for i in range(len(GOOD))] + list(BAD)
     texts = GOOD + list(BAD.values())
     pq.write_table(pa.table({"id": ids, "text": texts}), root / "corpus.parquet")
@@ -170,7 +169,7 @@ class _LengthStyler:
 
 def test_row_styler_extension_point(setup, ray_session) -> None:
     root = Path(setup["root"])
-    second = save_random_adapter(setup["base"], root / "second", seed=4, rank=2)
+    second = save_random_lora(setup["base"], root / "second", seed=4, rank=2)
     adapters = [setup["adapter"], second]
     out = root / "instance"
     summary = restyle_corpus(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
-from ray_twist.backbone import Backbone, default_lora_targets, fan_in_fan_out, load_backbone
+from ray_twist.backbone import (
+    Backbone,
+    load_backbone,
+    save_random_lora,
+)
 from ray_twist.generation import (
     causal_prompt,
     causal_prompt_ids,
@@ -34,21 +36,6 @@ TEXTS = [
 ]
 RANKS = [2, 4, 3]  # different ranks per row: per-row factors are zero-padded to 4
 WEIGHTS = torch.tensor([[0.6, 0.3, 0.1], [-0.5, 1.0, 0.25], [0.2, 0.2, 0.6]])
-
-
-def save_random_adapter(base_path: str, out: Path, seed: int, rank: int) -> str:
-    """A PEFT LoRA with random A *and* B (non-zero delta) over the default targets."""
-    model = load_backbone(base_path).model
-    torch.manual_seed(seed)
-    lora = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules=default_lora_targets(model.config),
-        fan_in_fan_out=fan_in_fan_out(model.config),
-        init_lora_weights=False,
-    )
-    get_peft_model(model, lora).save_pretrained(str(out))
-    return str(out)
 
 
 def _peft_backbone(base: str, adapter_dir: str) -> Backbone:
@@ -101,7 +88,7 @@ def adapters(tiny_backbones, tmp_path_factory) -> dict[str, list[str]]:
     root = tmp_path_factory.mktemp("row_adapters")
     return {
         kind: [
-            save_random_adapter(tiny_backbones[kind], root / kind / f"s{i}", seed=10 + i, rank=r)
+            save_random_lora(tiny_backbones[kind], root / kind / f"s{i}", seed=10 + i, rank=r)
             for i, r in enumerate(RANKS)
         ]
         for kind in KINDS
@@ -167,7 +154,7 @@ def test_flattened_inputs_conv1d_and_errors(tiny_backbones, tmp_path) -> None:
     hooks.clear()
     torch.testing.assert_close(layer(x2), base)
     hooks.remove()
-    adapter = save_random_adapter(tiny_backbones["gpt2"], tmp_path / "a", seed=0, rank=2)
+    adapter = save_random_lora(tiny_backbones["gpt2"], tmp_path / "a", seed=0, rank=2)
     with pytest.raises(TypeError, match="plain base model"):
         RowLoRA(PeftModel.from_pretrained(model, adapter))
 

@@ -17,9 +17,8 @@ import ray
 import torch
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_rowlora import save_random_adapter
 
-from ray_twist.backbone import Backbone, load_backbone
+from ray_twist.backbone import Backbone, load_backbone, save_random_lora
 from ray_twist.config import ConfigError, load_yaml
 from ray_twist.features import TaskKey
 from ray_twist.generation import generate
@@ -52,13 +51,11 @@ def world(tiny_backbones, tmp_path_factory) -> dict:
     rng = np.random.default_rng(0)
     entries = []
     for seed, name in enumerate(SOURCES, start=1):
-        adapter = save_random_adapter(base, root / "sources" / name, seed=seed, rank=4)
+        adapter = save_random_lora(base, root / "sources" / name, seed=seed, rank=4)
         key = TaskKey(rng.normal(size=384), rng.normal(size=384), n_examples=10)
         entries.append(SourceEntry(name, adapter, key))
     add_sources(root / "pool", entries, base_model=base)
-    styles = {
-        n: save_random_adapter(base, root / n, seed=10 + r, rank=r) for n, r in STYLES.items()
-    }
+    styles = {n: save_random_lora(base, root / n, seed=10 + r, rank=r) for n, r in STYLES.items()}
     torch.manual_seed(7)
     lora = LoraConfig(
         r=3, lora_alpha=6, target_modules=["q", "k", "v", "o"], init_lora_weights=False
@@ -68,7 +65,7 @@ def world(tiny_backbones, tmp_path_factory) -> dict:
     examples = root / "poet.jsonl"
     pairs = [("the day is long", "long is the day"), ("i see the sea", "the sea i see")]
     examples.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
-    poet = save_random_adapter(base, root / "poet", seed=20, rank=2)
+    poet = save_random_lora(base, root / "poet", seed=20, rank=2)
     config = {
         "name": APP,
         "pool": str(root / "pool"),
