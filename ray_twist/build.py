@@ -1,0 +1,522 @@
+"""Pool builds: train every source style's LoRA at once on Ray, key, cluster, commit once.
+
+`build_pool(config)` is what `twist pool build --config FILE` and `jobs/build_pool.py` run:
+
+1. read each source's task and hash it: the **data hash** (`Task.content_hash`, over the
+   pairs actually trained on) and the **training hash** (base model, LoRA, training
+   settings, precision, worker count: whatever changes the trained weights);
+2. skip sources whose pool entry carries both hashes already; train the rest concurrently
+   (`train.train_many`: one Ray Train + DeepSpeed run per source, each surviving worker
+   failures by restarting from its last checkpoint);
+3. key the new sources on a Ray Data actor pool (`features.task_keys`), re-cluster all
+   style keys and commit one pool generation (`pool.add_sources`).
+
+Runs are named `<source>-<12 hex of both hashes>`, so a changed source never resumes a
+stale checkpoint while an identical re-run after a crash resumes where it died. A run
+that fails for good does not stop the others: the finished ones are committed, then
+`BuildPoolError` reports the failures (re-running retrains only those).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.fs as pafs
+import ray
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from transformers import AutoConfig
+
+from ray_twist import storage
+from ray_twist.backbone import build_tiny_backbone, config_hash, default_lora_targets
+from ray_twist.config import BaseModelSettings, BuildPoolConfig, SourceSettings
+from ray_twist.data import denoising_task, make_world, read_task, read_texts
+from ray_twist.data.task import Task
+from ray_twist.features import TaskKey, task_keys
+from ray_twist.pool import MANIFEST, Pool, PoolMismatchError, SourceEntry, add_sources
+from ray_twist.train import STATE_FILE, TrainManyError, TrainResult, _local_dir, train_many
+
+__all__ = [
+    "BuildPoolError",
+    "BuildReport",
+    "SourceOutcome",
+    "build_pool",
+    "resolve_base_model",
+    "source_tasks",
+    "summary_table",
+    "training_hash",
+]
+
+Status = Literal["trained", "skipped", "failed"]
+
+
+@dataclass
+class SourceOutcome:
+    """What a build did with one configured source."""
+
+    name: str
+    status: Status
+    run: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    cluster: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class BuildReport:
+    """A build's result: per-source outcomes, the pool generation it left, phase timings."""
+
+    pool: str
+    generation: int | None
+    committed: bool
+    seconds: float
+    sources: dict[str, SourceOutcome]
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def _with(self, status: Status) -> list[str]:
+        return [n for n, o in self.sources.items() if o.status == status]
+
+    @property
+    def trained(self) -> list[str]:
+        return self._with("trained")
+
+    @property
+    def skipped(self) -> list[str]:
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> list[str]:
+        return self._with("failed")
+
+
+class BuildPoolError(RuntimeError):
+    """Some sources failed to train; the others are committed and in `report`."""
+
+    def __init__(self, report: BuildReport) -> None:
+        self.report = report
+        errors = "; ".join(f"{n}: {report.sources[n].error}" for n in report.failed)
+        super().__init__(f"{len(report.failed)} sources failed to train ({errors})")
+
+
+# ---------------------------------------------------------------- inputs and hashes
+
+
+def resolve_base_model(spec: BaseModelSettings, storage_path: str) -> str:
+    """The base model as workers load it: an absolute local path, or an HF name.
+
+    A tiny model is built once under `<storage_path>/base_models/` (seeded, so every build
+    of the same spec gets the same weights); concurrent builds race harmlessly.
+    """
+    if spec.path is not None:
+        return os.path.abspath(spec.path) if os.path.isdir(spec.path) else spec.path
+    assert spec.tiny is not None  # BaseModelSettings allows exactly one
+    fs, root = storage.resolve(storage_path)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise ValueError("base_model.tiny needs a local (or shared) storage_path")
+    target = Path(root, "base_models", f"tiny-{spec.tiny}-seed{spec.seed}")
+    if not (target / "config.json").is_file():
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        build_tiny_backbone(spec.tiny, tmp, seed=spec.seed)  # type: ignore[arg-type]
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another build got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _read_entry(spec: SourceSettings, seed: int) -> list[Task]:
+    if spec.synthetic is not None:
+        world = make_world(spec.synthetic.n_per_style, spec.synthetic.seed, spec.synthetic.styles)
+        tasks = list(world.values())
+        if spec.objective == "denoising":
+            tasks = [denoising_task(t.targets, t.name, seed=seed) for t in tasks]
+        return tasks
+    assert spec.data is not None and spec.name is not None  # by SourceSettings
+    if spec.objective == "denoising":
+        texts = read_texts(spec.data, spec.text_column, spec.format)
+        return [denoising_task(texts, spec.name, seed=seed)]
+    return [read_task(spec.data, spec.name, spec.format, spec.source_column, spec.target_column)]
+
+
+def source_tasks(config: BuildPoolConfig) -> list[Task]:
+    """Every configured source's training pairs, in config order (denoising seeded by
+    `training.seed`)."""
+    return [task for spec in config.sources for task in _read_entry(spec, config.training.seed)]
+
+
+def training_hash(config: BuildPoolConfig, base_model: str) -> str:
+    """sha256 of the settings that change a source's trained weights.
+
+    The base model counts as named (moving its directory retrains) and by config hash.
+    Left out on purpose: ZeRO stage and offload (where optimizer state lives, not what it
+    computes), CPUs/GPUs per worker, checkpoint cadence, fault handling, keys, clustering.
+    """
+    payload = {
+        "base_model": config.base_model.model_dump(),
+        "base_config_hash": config_hash(base_model),
+        "lora": config.lora.model_dump(),
+        "training": config.training.model_dump(exclude={"checkpoint_every_steps"}),
+        "precision": config.deepspeed.precision,
+        "num_workers": config.resources.num_workers,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _run_name(name: str, data_hash: str, train_hash: str) -> str:
+    return f"{name}-{hashlib.sha256(f'{data_hash}:{train_hash}'.encode()).hexdigest()[:12]}"
+
+
+def _is_current(entry: dict[str, Any], data_hash: str, train_hash: str) -> bool:
+    built_with = entry.get("metrics", {}).get("train_config_hash")
+    return entry.get("data_hash") == data_hash and built_with == train_hash
+
+
+def _check_pool_fits(previous: Pool, base_model: str, config: BuildPoolConfig) -> None:
+    """Refuse before training what `add_sources` would refuse after it."""
+    if previous.base_config_hash != config_hash(base_model):
+        raise PoolMismatchError(
+            f"base_model: {base_model!r} is not the base model of the pool at {previous.uri} "
+            f"({previous.base_model!r}); build into a new pool"
+        )
+    targets = config.lora.target_modules or default_lora_targets(
+        AutoConfig.from_pretrained(base_model)
+    )
+    ours = {
+        "r": config.lora.r,
+        "lora_alpha": float(config.lora.alpha),
+        "target_modules": sorted(targets),
+    }
+    theirs = {k: previous.lora_config[k] for k in ours}
+    if ours != theirs:
+        raise PoolMismatchError(
+            f"lora: the pool at {previous.uri} holds adapters with {theirs}, this config "
+            f"trains {ours}; build into a new pool"
+        )
+    if previous.featurizer != config.featurizer.model:
+        raise PoolMismatchError(
+            f"featurizer.model: the pool at {previous.uri} is keyed with "
+            f"{previous.featurizer!r}, not {config.featurizer.model!r}; build into a new pool"
+        )
+
+
+def _clustering_changed(previous: Pool, config: BuildPoolConfig) -> bool:
+    used = previous.manifest["clustering"]
+    wanted = config.clustering
+    return (used["n_clusters_requested"], used["seed"]) != (wanted.n_clusters, wanted.seed)
+
+
+# ---------------------------------------------------------------- progress
+
+
+def _latest_state(storage_path: str, run: str) -> dict[str, Any] | None:
+    """trainer_state.json of a run's newest readable checkpoint (None before the first)."""
+    fs, root = storage.resolve(storage.join(storage_path, run))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    checkpoints = sorted(i.base_name for i in infos if i.base_name.startswith("checkpoint_"))
+    for name in reversed(checkpoints):
+        try:  # a checkpoint may still be uploading, or already rotated away
+            return json.loads(storage.read_bytes(storage.join(storage_path, run, name, STATE_FILE)))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _expected_steps(task: Task, config: BuildPoolConfig) -> int:
+    """Roughly how many steps a run takes (early stopping may end it sooner)."""
+    training = config.training
+    per_worker = len(task) * (1 - training.val_fraction) / config.resources.num_workers
+    total = training.epochs * max(1, math.ceil(int(per_worker) / training.batch_size))
+    return min(total, training.max_steps or total)
+
+
+def _watch(
+    stop: threading.Event, runs: dict[str, str], totals: dict[str, int], storage_path: str
+) -> None:
+    """Until `stop`: a live table on a terminal, one line per change elsewhere (job logs)."""
+    console = Console()
+    state: dict[str, tuple[int, float | None]] = {}
+
+    def poll() -> list[str]:
+        changed: list[str] = []
+        for name, run in runs.items():
+            latest = _latest_state(storage_path, run)
+            if latest is None:
+                continue
+            history = latest.get("history") or [{}]
+            row = (int(latest.get("step", 0)), history[-1].get("loss"))
+            if state.get(name) != row:
+                state[name] = row
+                changed.append(name)
+        return changed
+
+    def line(name: str) -> tuple[str, str, str, str]:
+        step, loss = state.get(name, (0, None))
+        shown = "-" if loss is None else f"{loss:.4f}"
+        return name, runs[name], f"{step}/{totals[name]}", shown
+
+    def render() -> Table:
+        table = Table(title="training sources (from their latest checkpoints)")
+        for column in ("source", "run", "step", "loss"):
+            table.add_column(column)
+        for name in runs:
+            table.add_row(*line(name))
+        return table
+
+    if console.is_terminal:
+        with Live(render(), console=console, refresh_per_second=2) as live:
+            while not stop.wait(2.0):
+                poll()
+                live.update(render())
+            poll()
+            live.update(render())
+        return
+    while True:
+        stopping = stop.wait(5.0)
+        for name in poll():
+            source, run, step, loss = line(name)
+            print(f"[progress] {source} ({run}): step {step}, loss {loss}", flush=True)
+        if stopping:
+            return
+
+
+@contextlib.contextmanager
+def _progress(
+    enabled: bool, runs: dict[str, str], totals: dict[str, int], storage_path: str
+) -> Iterator[None]:
+    """Show per-source progress in a thread while the body (the training) runs."""
+    if not enabled or not runs:
+        yield
+        return
+    stop = threading.Event()
+    thread = threading.Thread(target=_watch, args=(stop, runs, totals, storage_path), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---------------------------------------------------------------- the build
+
+
+def _train_metrics(result: TrainResult, train_hash: str) -> dict[str, Any]:
+    """What the pool keeps about a source's training (also how the next build skips it)."""
+    history = result.history
+    metrics: dict[str, Any] = {"run": result.name, "train_config_hash": train_hash}
+    if history:
+        metrics |= {
+            "steps": history[-1]["step"],
+            "first_loss": history[0]["loss"],
+            "loss": history[-1]["loss"],
+            "samples_per_s": history[-1]["samples_per_s"],
+            "train_s": history[-1]["step_end"] - history[0]["step_start"],
+        }
+    if result.metrics.get("best_val_loss") is not None:
+        metrics["best_val_loss"] = result.metrics["best_val_loss"]
+    return metrics
+
+
+def _existing_entries(pool: Pool) -> list[SourceEntry]:
+    """Every source of `pool` as it stands: re-committing them re-clusters, rewrites nothing."""
+    return [
+        SourceEntry(
+            name=name,
+            adapter_dir=pool.adapter_dir(name),
+            key=TaskKey(pool.style_keys[i], pool.input_keys[i], int(pool.n_examples[i])),
+            metrics=pool.manifest["sources"][name].get("metrics", {}),
+            data_hash=pool.manifest["sources"][name].get("data_hash", ""),
+        )
+        for i, name in enumerate(pool.sources)
+    ]
+
+
+def _error_line(exc: BaseException) -> str:
+    """The root cause in one line (Ray wraps task errors in multi-line tracebacks)."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+
+
+def _train(
+    config: BuildPoolConfig, base_model: str, to_train: dict[str, Task], progress: bool
+) -> tuple[dict[str, TrainResult], dict[str, str]]:
+    """Train source → task (named by its run) concurrently: (results, errors) by run name."""
+    runs = {source: task.name for source, task in to_train.items()}
+    totals = {source: _expected_steps(task, config) for source, task in to_train.items()}
+    with _progress(progress, runs, totals, config.storage_path):
+        try:
+            results = train_many(
+                list(to_train.values()),
+                base_model,
+                config.lora,
+                config.training,
+                config.deepspeed,
+                config.resources,
+                config.storage_path,
+                fault=config.fault,
+            )
+        except TrainManyError as exc:
+            return exc.results, {run: _error_line(e) for run, e in exc.errors.items()}
+    return results, {}
+
+
+def _commit(
+    config: BuildPoolConfig,
+    base_model: str,
+    previous: Pool | None,
+    trained: list[tuple[Task, TrainResult, dict[str, Any]]],
+) -> Pool | None:
+    """Key the trained sources on Ray Data, re-cluster all, commit one generation.
+
+    With nothing trained the pool is left alone, unless the clustering settings changed.
+    """
+    entries: list[SourceEntry] = []
+    with contextlib.ExitStack() as stack:
+        if trained:
+            keys = task_keys(
+                [task for task, _, _ in trained],
+                config.featurizer.model,
+                batch_size=config.featurizer.batch_size,
+                concurrency=config.featurizer.concurrency,
+                num_gpus=config.featurizer.num_gpus,
+            )
+            for task, result, metrics in trained:
+                adapter = stack.enter_context(_local_dir(result.adapter_dir))
+                entries.append(
+                    SourceEntry(task.name, adapter, keys[task.name], metrics, task.content_hash())
+                )
+        elif previous is not None and _clustering_changed(previous, config):
+            entries = _existing_entries(previous)
+        if not entries:
+            return previous
+        return add_sources(
+            config.pool,
+            entries,
+            base_model=base_model,
+            featurizer=config.featurizer.model,
+            n_clusters=config.clustering.n_clusters,
+            seed=config.clustering.seed,
+        )
+
+
+def build_pool(config: BuildPoolConfig, progress: bool = True) -> BuildReport:
+    """Train the sources that are new or changed, key them, re-cluster, commit one generation.
+
+    Uses the Ray that is running (or `RAY_ADDRESS`), else starts a local one. Returns the
+    report; raises `BuildPoolError` (with the report) after committing the rest if any
+    source failed to train.
+    """
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        # worker logs would scroll the live table away; they stay in the Ray session logs
+        ray.init(log_to_driver=not progress)
+    base_model = resolve_base_model(config.base_model, config.storage_path)
+    tasks = source_tasks(config)
+    train_hash = training_hash(config, base_model)
+    has_pool = storage.exists(storage.join(config.pool, MANIFEST))
+    previous = Pool.open(config.pool) if has_pool else None
+    if previous is not None:
+        _check_pool_fits(previous, base_model, config)
+    existing = previous.manifest["sources"] if previous is not None else {}
+
+    outcomes: dict[str, SourceOutcome] = {}
+    runs: dict[str, str] = {}  # source → run, for the sources to train
+    for task in tasks:
+        data_hash = task.content_hash()
+        entry = existing.get(task.name)
+        run = _run_name(task.name, data_hash, train_hash)
+        if entry is not None and _is_current(entry, data_hash, train_hash):
+            outcomes[task.name] = SourceOutcome(task.name, "skipped", run, dict(entry["metrics"]))
+        else:
+            runs[task.name] = run
+    phases = {"prepare_s": time.perf_counter() - started}
+
+    clock = time.perf_counter()
+    to_train = {t.name: dataclasses.replace(t, name=runs[t.name]) for t in tasks if t.name in runs}
+    results, errors = _train(config, base_model, to_train, progress) if to_train else ({}, {})
+    phases["train_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    trained = []
+    for task in tasks:
+        if task.name not in runs:
+            continue
+        run = runs[task.name]
+        if run in errors:
+            outcomes[task.name] = SourceOutcome(task.name, "failed", run, error=errors[run])
+        elif run in results:
+            metrics = _train_metrics(results[run], train_hash)
+            outcomes[task.name] = SourceOutcome(task.name, "trained", run, metrics)
+            trained.append((task, results[run], metrics))
+    pool = _commit(config, base_model, previous, trained)
+    phases["commit_s"] = time.perf_counter() - clock
+
+    if pool is not None:
+        cluster_of = dict(zip(pool.sources, pool.cluster_of.tolist(), strict=True))
+        for outcome in outcomes.values():
+            outcome.cluster = cluster_of.get(outcome.name)
+    report = BuildReport(
+        pool=config.pool,
+        generation=pool.generation if pool is not None else None,
+        committed=pool is not previous,
+        seconds=time.perf_counter() - started,
+        sources={t.name: outcomes[t.name] for t in tasks},
+        phases=phases,
+    )
+    if report.failed:
+        raise BuildPoolError(report)
+    return report
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _number(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def summary_table(report: BuildReport) -> Table:
+    """The end-of-build table: one row per source (metrics of skipped ones from the pool)."""
+    state = "committed" if report.committed else "unchanged"
+    table = Table(
+        title=(
+            f"pool {report.pool}: generation {report.generation} ({state}); "
+            f"{len(report.trained)} trained, {len(report.skipped)} skipped, "
+            f"{len(report.failed)} failed in {report.seconds:.0f} s"
+        )
+    )
+    for column in ("source", "status", "cluster", "steps", "loss", "samples/s", "train s", "run"):
+        table.add_column(column, justify="right" if column in {"steps", "samples/s"} else "left")
+    colour = {"trained": "green", "skipped": "dim", "failed": "red"}
+    for outcome in report.sources.values():
+        m = outcome.metrics
+        loss = f"{_number(m.get('first_loss'), '.3f')} → {_number(m.get('loss'), '.3f')}"
+        table.add_row(
+            outcome.name,
+            f"[{colour[outcome.status]}]{outcome.status}[/]",
+            _number(outcome.cluster, "d"),
+            _number(m.get("steps"), "d"),
+            loss if m else (outcome.error or "-"),
+            _number(m.get("samples_per_s"), ".1f"),
+            _number(m.get("train_s"), ".1f"),
+            outcome.run,
+        )
+    return table
