@@ -27,10 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForSeq2SeqLM
+from peft import PeftModel
 
-from ray_twist.backbone import build_tiny_backbone, default_lora_targets, load_backbone
+from ray_twist.backbone import (
+    build_small_t5,
+    build_tiny_backbone,
+    load_backbone,
+    save_random_lora,
+)
 from ray_twist.generation import generate
 from ray_twist.restyle import restyle_corpus
 
@@ -39,20 +43,8 @@ WORDS = ["the", "a", "quiet", "river", "old", "city", "green", "light", "small",
 
 def build_model(root: Path, quick: bool) -> tuple[str, str]:
     """(base model dir, random LoRA adapter dir)."""
-    base = build_tiny_backbone("t5", root / "base")
-    if not quick:  # widen the tiny T5 (same tokenizer) so the model, not Python, dominates
-        config = AutoConfig.from_pretrained(base)
-        config.update({"d_model": 256, "d_ff": 1024, "d_kv": 32, "num_heads": 8,
-                       "num_layers": 4, "num_decoder_layers": 4})  # fmt: skip
-        torch.manual_seed(0)
-        AutoModelForSeq2SeqLM.from_config(config).save_pretrained(base)
-    model = load_backbone(base).model
-    torch.manual_seed(1)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=default_lora_targets(model.config),
-                      init_lora_weights=False)  # fmt: skip
-    adapter = str(root / "adapter")
-    get_peft_model(model, lora).save_pretrained(adapter)
-    return base, adapter
+    base = build_tiny_backbone("t5", root / "base") if quick else build_small_t5(root / "base")
+    return base, save_random_lora(base, root / "adapter", seed=1, rank=8)
 
 
 def corpus(n: int) -> list[str]:

@@ -37,9 +37,13 @@ import ray
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from ray import serve
-from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-from ray_twist.backbone import build_tiny_backbone, default_lora_targets, load_backbone
+from ray_twist.backbone import (
+    build_small_t5,
+    build_tiny_backbone,
+    default_lora_targets,
+    load_backbone,
+)
 from ray_twist.features import TaskKey
 from ray_twist.generation import GenerationSettings, encode, generate_ids
 from ray_twist.pool import SourceEntry, add_sources
@@ -57,13 +61,7 @@ SCENARIOS = {
 
 def build_world(root: Path, quick: bool, n_sources: int = 8, n_styles: int = 8) -> dict:
     """Base model, a pool of random rank-8 sources, random rank-8 named styles."""
-    base = build_tiny_backbone("t5", root / "base")
-    if not quick:  # widen the tiny T5 so the model, not Python, dominates
-        config = AutoConfig.from_pretrained(base)
-        config.update({"d_model": 256, "d_ff": 1024, "d_kv": 32, "num_heads": 8,
-                       "num_layers": 4, "num_decoder_layers": 4})  # fmt: skip
-        torch.manual_seed(0)
-        AutoModelForSeq2SeqLM.from_config(config).save_pretrained(base)
+    base = build_tiny_backbone("t5", root / "base") if quick else build_small_t5(root / "base")
     model = load_backbone(base).model
     model.generation_config.eos_token_id = None  # fixed-length decoding ("ignore_eos"):
     model.generation_config.save_pretrained(base)  # every request does the same work

@@ -211,6 +211,18 @@ def build_tiny_backbone(kind: TinyKind, out_dir: str | Path, seed: int = 0) -> s
     return str(out)
 
 
+def build_small_t5(out_dir: str | Path, seed: int = 0) -> str:
+    """A wider random T5 (d_model 256, 4+4 layers, MiniLM tokenizer) for benchmarks, where the
+    model rather than Python overhead should dominate the time."""
+    base = build_tiny_backbone("t5", out_dir, seed)
+    config = AutoConfig.from_pretrained(base)
+    config.update({"d_model": 256, "d_ff": 1024, "d_kv": 32, "num_heads": 8,
+                   "num_layers": 4, "num_decoder_layers": 4})  # fmt: skip
+    torch.manual_seed(seed)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(base)
+    return base
+
+
 def save_random_lora(base_path: str, out_dir: str | Path, seed: int = 0, rank: int = 4) -> str:
     """A PEFT LoRA over the default targets with random A *and* B (a non-zero delta,
     lora_alpha = 2·rank): a stand-in for a trained source in tests and benchmarks."""
