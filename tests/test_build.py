@@ -38,7 +38,7 @@ from ray_twist.build import (
 from ray_twist.config import BuildPoolConfig, ConfigError, load_yaml
 from ray_twist.features import Featurizer, task_key
 from ray_twist.pool import Pool, PoolMismatchError
-from ray_twist.train import TrainManyError
+from ray_twist.train import TrainManyError, TrainResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def config(root: Path, sources: list[dict[str, Any]], **overrides: Any) -> Build
     data: dict[str, Any] = {
         "base_model": {"tiny": "t5"},
         "sources": sources,
-        "training": {"max_steps": 8, "lr": 1e-2, "batch_size": 8, "checkpoint_every_steps": 4},
+        "training": {"max_steps": 8, "lr": 1e-2, "batch_size": 8, "checkpoint_every_steps": None},
         "resources": {"num_workers": 1, "cpus_per_worker": 0.5},
         "pool": str(root / "pool"),
         "storage_path": str(root / "train"),
@@ -247,16 +247,19 @@ def test_builds_train_only_new_or_changed_sources(
             build_pool(config(tmp_path, sources, **{key: change}), progress=False)
     assert len(run_dirs(tmp_path)) == 4
 
-    # 3. sailor's data changes (it retrains, alone) and a new source fails for good: the
-    #    others are committed and the error names the failed source
-    real_train_many = build_module.train_many
+    # 3. sailor's data changes and a new source fails for good: only those two go to
+    #    training (sailor under a new run name, so its old checkpoint is not resumed), the
+    #    rest is committed, the error names the failed source. Training is stubbed here:
+    #    step 1 ran it for real.
+    handed: list[str] = []
+    old_sailor_run = pool.manifest["sources"]["sailor"]["metrics"]["run"]
 
     def biblical_fails(tasks, *args, **kwargs):
-        doomed = [t.name for t in tasks if t.name.startswith("biblical-")]
-        results = real_train_many([t for t in tasks if t.name not in doomed], *args, **kwargs)
-        raise TrainManyError(
-            {run: RuntimeError("worker died\nfor good") for run in doomed}, results
-        )
+        handed.extend(t.name for t in tasks)
+        runs = {t.name.rsplit("-", 1)[0]: t.name for t in tasks}
+        done = TrainResult(runs["sailor"], pool.adapter_dir("pirate"), {}, history=[])
+        error = RuntimeError("worker died\nfor good")
+        raise TrainManyError({runs["biblical"]: error}, {runs["sailor"]: done})
 
     monkeypatch.setattr(build_module, "train_many", biblical_fails)
     second = config(
@@ -270,12 +273,13 @@ def test_builds_train_only_new_or_changed_sources(
     with pytest.raises(BuildPoolError, match="biblical: RuntimeError: for good") as info:
         build_pool(second, progress=False)
     report = info.value.report
+    assert sorted(h.rsplit("-", 1)[0] for h in handed) == ["biblical", "sailor"]
+    assert report.sources["sailor"].run in handed and old_sailor_run not in handed
     assert (report.trained, report.failed) == (["sailor"], ["biblical"])
     assert sorted(report.skipped) == ["emphatic", "pirate", "shouty"]
     pool = Pool.open(second.pool)
     assert pool.generation == 2 and "biblical" not in pool.sources
     assert pool.manifest["sources"]["sailor"]["metrics"]["run"] == report.sources["sailor"].run
-    assert len(run_dirs(tmp_path)) == 5  # sailor's old run stays; it was never resumed
 
 
 # ------------------------------------------------------------------ ray job submit

@@ -1,0 +1,191 @@
+"""`twist adapt`: initialise a target style's LoRA from the pool, then fine-tune it.
+
+The initialisation (`AdaptConfig.init`) is where TWIST differs from its baselines:
+
+    twist          R_s by retrieval (λ, τ, top-k), ΔW_t = Σ_s R_s ΔW_s, top-q SVD
+    uniform        R_s = 1/N for every source, top-q SVD
+    dense-svd-avg  the uniform average through the dense SVD reference merge — numerically
+                   `uniform` up to SVD precision; a check on the factored merge, not a method
+    scratch        PEFT's default LoRA init (A random, B = 0) at rank q; the pool is unused
+
+Fine-tuning is the sources' own loop (`train.train_lora`: Ray Train + DeepSpeed, validation
+split and early stopping from `training`), started from that adapter. The output directory
+is a PEFT adapter dir plus `twist_adapt.json` (settings, metrics, learning curve) and
+`twist_retrieval.json` (the source weights the init used; none for scratch).
+
+Runs are named after everything that changes the result (data, init, rank, retrieval,
+training, pool generation), so re-running after a crash resumes from the last checkpoint
+and a changed setting never resumes a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_twist import storage
+from ray_twist.backbone import config_hash
+from ray_twist.config import AdaptConfig, LoraSettings
+from ray_twist.data.task import Task
+from ray_twist.features import Featurizer
+from ray_twist.initialise import (
+    RETRIEVAL_FILE,
+    init_target,
+    merge_weighted,
+    pool_merge_sources,
+)
+from ray_twist.merge import MergeMethod
+from ray_twist.pool import Pool, validate_name
+from ray_twist.train import TrainResult, _local_dir, train_lora
+
+ADAPT_FILE = "twist_adapt.json"
+TRAIN_DIR = "_train"
+
+__all__ = ["ADAPT_FILE", "AdaptResult", "adapt", "init_adapter", "run_name"]
+
+
+@dataclass
+class AdaptResult:
+    """A fine-tuned target adapter and how it came about."""
+
+    adapter_dir: str
+    init: str
+    weights: dict[str, float] | None
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_name(task: Task, config: AdaptConfig, pool: Pool | None, base_model: str) -> str:
+    """`<task>-<init>-<12 hex>`: the hash covers everything that changes the trained adapter."""
+    blob = json.dumps(
+        {
+            "data": task.content_hash(),
+            "config": config.model_dump(mode="json", exclude={"storage_path", "resources"}),
+            "pool": [pool.uri, pool.generation] if pool is not None else None,
+            "base": base_model,
+        },
+        sort_keys=True,
+    ).encode()
+    return f"{task.name}-{config.init}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def init_adapter(
+    pool: Pool,
+    task: Task,
+    out_dir: str,
+    config: AdaptConfig,
+    featurizer: Featurizer | None = None,
+) -> dict[str, float]:
+    """Write the merged (non-scratch) initialisation at `out_dir`; return the weights used."""
+    if config.init == "twist":
+        return init_target(pool, task, out_dir, config.rank, config.retrieval, "svd", featurizer)
+    weights = {name: 1.0 / len(pool.sources) for name in pool.sources}
+    method: MergeMethod = "dense-svd" if config.init == "dense-svd-avg" else "svd"
+    merge_weighted(pool_merge_sources(pool), [out_dir], [weights], config.rank, method,
+                   meta=[{"target": task.name, "init": config.init}], progress=False)  # fmt: skip
+    return weights
+
+
+def _base_model(config: AdaptConfig, pool: Pool | None) -> str:
+    if pool is None:
+        if config.base_model is None:
+            raise ValueError("scratch adaptation without a pool needs base_model")
+        return config.base_model
+    if config.base_model is not None and config_hash(config.base_model) != pool.base_config_hash:
+        raise ValueError(
+            f"base_model {config.base_model!r} is not the base model of the pool at {pool.uri} "
+            f"({pool.base_model!r}); its adapters cannot initialise a LoRA on it"
+        )
+    return config.base_model or pool.base_model
+
+
+def _lora(config: AdaptConfig, pool: Pool | None) -> LoraSettings:
+    """Scratch LoRA shape: rank q, α = q (scaling 1, like merged inits), the pool's modules."""
+    targets = config.target_modules
+    if targets is None and pool is not None:
+        pool_targets = pool.lora_config.get("target_modules")
+        targets = [pool_targets] if isinstance(pool_targets, str) else pool_targets
+    return LoraSettings(r=config.rank, alpha=config.rank, target_modules=targets)
+
+
+def _summary(result: TrainResult) -> dict[str, Any]:
+    history = result.history
+    out: dict[str, Any] = {
+        "run": result.name,
+        "stopped_early": bool(result.metrics.get("stopped_early")),
+        "best_val_loss": result.metrics.get("best_val_loss"),
+    }
+    if history:
+        val = [row["val_loss"] for row in history if "val_loss" in row]
+        out |= {"steps": history[-1]["step"], "epochs": history[-1]["epoch"] + 1,
+                "first_loss": history[0]["loss"], "loss": history[-1]["loss"],
+                "first_val_loss": val[0] if val else None,
+                "train_s": history[-1]["step_end"] - history[0]["step_start"]}  # fmt: skip
+    return out
+
+
+def adapt(
+    task: Task,
+    out_dir: str,
+    config: AdaptConfig | None = None,
+    pool: Pool | str | None = None,
+    featurizer: Featurizer | None = None,
+) -> AdaptResult:
+    """Initialise (per `config.init`) and fine-tune a LoRA for `task`; write it to `out_dir`.
+
+    `pool` (a Pool or its URI) is required for every init but scratch. Training runs live
+    under `config.storage_path` (default `<out_dir>/_train`).
+    """
+    config = config or AdaptConfig()
+    validate_name(task.name, "target task name")
+    if len(task) == 0:
+        raise ValueError(f"target task {task.name!r} has no examples")
+    pool = Pool.open(pool) if isinstance(pool, str) else pool
+    if pool is None and config.init != "scratch":
+        raise ValueError(f"init {config.init!r} merges pool sources: pass a pool")
+    base_model = _base_model(config, pool)
+    name = run_name(task, config, pool, base_model)
+    storage_path = config.storage_path or storage.join(out_dir, TRAIN_DIR)
+
+    started = time.perf_counter()
+    weights: dict[str, float] | None = None
+    init_dir: str | None = None
+    if pool is not None and config.init != "scratch":
+        init_dir = storage.join(storage_path, f"{name}-init")  # where every worker can read it
+        weights = init_adapter(pool, task, init_dir, config, featurizer)
+    init_s = time.perf_counter() - started
+    result = train_lora(task, base_model, _lora(config, pool), config.training, config.deepspeed,
+                        config.resources, storage_path, name, init_adapter=init_dir)  # fmt: skip
+    fs, path = storage.resolve(out_dir)
+    fs.create_dir(path, recursive=True)
+    with _local_dir(result.adapter_dir) as local:
+        storage.upload_dir(local, out_dir)
+
+    record: dict[str, Any] = {
+        "target": task.name,
+        "init": config.init,
+        "rank": config.rank,
+        "n_examples": len(task),
+        "base_model": base_model,
+        "pool": pool.uri if pool is not None else None,
+        "pool_generation": pool.generation if pool is not None else None,
+        "config": config.model_dump(mode="json", by_alias=True),
+        "metrics": {
+            **_summary(result),
+            "init_s": init_s,
+            "total_s": time.perf_counter() - started,
+        },  # fmt: skip
+        "history": result.history,
+    }
+    storage.write_bytes(storage.join(out_dir, ADAPT_FILE), json.dumps(record, indent=2).encode())
+    if weights is not None:
+        retrieval = {"target": task.name, "init": config.init, "rank": config.rank,
+                     "weights": weights}  # fmt: skip
+        if config.init == "twist":
+            retrieval |= config.retrieval.model_dump(by_alias=True)
+        storage.write_bytes(storage.join(out_dir, RETRIEVAL_FILE),
+                            json.dumps(retrieval, indent=2).encode())  # fmt: skip
+    return AdaptResult(out_dir, config.init, weights, record["metrics"], result.history)
