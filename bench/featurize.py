@@ -98,13 +98,17 @@ def main() -> None:
         "end_to_end_ratio_1_worker": end_to_end["ray_1"] / end_to_end["plain"],
         "max_key_difference": max_diff,
     }
-    print(f"\nTask keys of {len(tasks)} tasks, {sentences} sentences, MiniLM, batch "
-          f"{args.batch_size}, {actor_threads} torch thread(s) per worker, {cpus} CPUs")  # fmt: skip
+    print(
+        f"\nTask keys of {len(tasks)} tasks, {sentences} sentences, MiniLM, batch "
+        f"{args.batch_size}, {actor_threads} torch thread(s) per worker, {cpus} CPUs"
+    )
     print(f"  {'sentences/s':<30}{'steady':>10}{'ratio':>8}{'end to end':>12}{'ratio':>8}")
     for label, name in [("plain", "plain batched loop (anchor)"), ("ray_1", "Ray Data, 1 actor"),
                         ("ray_2", "Ray Data, 2 actors")]:  # fmt: skip
-        print(f"  {name:<30}{steady[label]:>10.1f}{steady[label] / steady['plain']:>7.2f}x"
-              f"{end_to_end[label]:>12.1f}{end_to_end[label] / end_to_end['plain']:>7.2f}x")  # fmt: skip
+        print(
+            f"  {name:<30}{steady[label]:>10.1f}{steady[label] / steady['plain']:>7.2f}x"
+            f"{end_to_end[label]:>12.1f}{end_to_end[label] / end_to_end['plain']:>7.2f}x"
+        )
     print("  goal: Ray Data 1 actor >= 0.9x the anchor (steady: fixed costs subtracted)")
     print(f"  {'max |key difference|':<30}{max_diff:>10.1e}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

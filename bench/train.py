@@ -7,8 +7,8 @@ Anchor: a single-process PEFT + torch AdamW loop (same model, data, batch, gradi
 clipping and torch thread count as one Ray worker), timed in the same run before and after
 the Ray run; ratios are against their mean, to cancel drift on a shared machine. Rates
 exclude the first `--warmup` steps; besides the rate over all remaining steps, the rate
-of the fastest 10-step window is given, which other load on the machine disturbs least. Prints a table and writes JSON
-(default bench/results/train.json).
+of the fastest 10-step window is given, which other load on the machine disturbs least.
+Prints a table and writes JSON (default bench/results/train.json).
 """
 
 from __future__ import annotations
@@ -24,26 +24,11 @@ from typing import Any
 import ray
 import torch
 
-from ray_twist.backbone import build_tiny_backbone, load_backbone
+from ray_twist.backbone import build_small_t5, build_tiny_backbone, load_backbone
 from ray_twist.config import DeepSpeedSettings, LoraSettings, ResourceSettings, TrainingSettings
 from ray_twist.data import make_world
 from ray_twist.data.task import Task
 from ray_twist.train import tokenize_pairs, train_lora, train_many, wrap_lora
-
-
-def bench_model(out: Path, quick: bool) -> str:
-    """A random T5 with the packaged tokenizer: the tiny test model, or a wider, deeper one."""
-    path = build_tiny_backbone("t5", out)
-    if not quick:
-        from transformers import AutoModelForSeq2SeqLM, T5Config
-
-        config = T5Config.from_pretrained(path)
-        config.update({"d_model": 256, "d_ff": 1024, "d_kv": 64, "num_heads": 4,
-                       "num_layers": 4, "num_decoder_layers": 4})  # fmt: skip
-        torch.manual_seed(0)
-        AutoModelForSeq2SeqLM.from_config(config).save_pretrained(path)
-    return path
-
 
 WINDOW = 10  # steps per window for the best-window rate
 
@@ -72,9 +57,14 @@ def plain_loop(base: str, task: Task, training: TrainingSettings, warmup: int) -
     while len(ends) < steps:
         for lo in range(0, len(pairs) - size + 1, size):
             batch = pairs[lo : lo + size]
-            inputs = tokenize_pairs(backbone.tokenizer, backbone.family,
-                                    [s for s, _ in batch], [t for _, t in batch],
-                                    training.max_source_length, training.max_target_length)  # fmt: skip
+            inputs = tokenize_pairs(
+                backbone.tokenizer,
+                backbone.family,
+                [s for s, _ in batch],
+                [t for _, t in batch],
+                training.max_source_length,
+                training.max_target_length,
+            )
             loss = model(**inputs).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -139,7 +129,8 @@ def main() -> None:
     world = make_world(8 * batch, seed=0, styles=["pirate", "shouty", "formal"])
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = bench_model(Path(tmp, "model"), args.quick)
+        model_dir = Path(tmp, "model")
+        base = build_tiny_backbone("t5", model_dir) if args.quick else build_small_t5(model_dir)
         worker_threads = ray.get(ray.remote(num_cpus=1)(lambda: torch.get_num_threads()).remote())
         torch.set_num_threads(worker_threads)  # the anchor gets what one Ray worker gets
         task = world["pirate"]

@@ -15,9 +15,8 @@ import argparse
 import sys
 
 import ray
-from rich.console import Console
 
-from ray_twist.build import BuildPoolError, build_pool, summary_table
+from ray_twist.build import build_and_print
 from ray_twist.config import BuildPoolConfig, ConfigError, load_yaml
 
 
@@ -32,15 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ray.init(ignore_reinit_error=True)  # RAY_ADDRESS under `ray job submit`; else local
-    console = Console(width=160) if not sys.stdout.isatty() else Console()
-    try:
-        report = build_pool(config, progress=not args.no_progress)
-    except BuildPoolError as exc:
-        console.print(summary_table(exc.report))
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    console.print(summary_table(report))
-    return 0
+    return build_and_print(config, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

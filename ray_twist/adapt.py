@@ -84,8 +84,15 @@ def init_adapter(
         return init_target(pool, task, out_dir, config.rank, config.retrieval, "svd", featurizer)
     weights = {name: 1.0 / len(pool.sources) for name in pool.sources}
     method: MergeMethod = "dense-svd" if config.init == "dense-svd-avg" else "svd"
-    merge_weighted(pool_merge_sources(pool), [out_dir], [weights], config.rank, method,
-                   meta=[{"target": task.name, "init": config.init}], progress=False)  # fmt: skip
+    merge_weighted(
+        pool_merge_sources(pool),
+        [out_dir],
+        [weights],
+        config.rank,
+        method,
+        meta=[{"target": task.name, "init": config.init}],
+        progress=False,
+    )
     return weights
 
 
@@ -120,10 +127,14 @@ def _summary(result: TrainResult) -> dict[str, Any]:
     }
     if history:
         val = [row["val_loss"] for row in history if "val_loss" in row]
-        out |= {"steps": history[-1]["step"], "epochs": history[-1]["epoch"] + 1,
-                "first_loss": history[0]["loss"], "loss": history[-1]["loss"],
-                "first_val_loss": val[0] if val else None,
-                "train_s": history[-1]["step_end"] - history[0]["step_start"]}  # fmt: skip
+        out |= {
+            "steps": history[-1]["step"],
+            "epochs": history[-1]["epoch"] + 1,
+            "first_loss": history[0]["loss"],
+            "loss": history[-1]["loss"],
+            "first_val_loss": val[0] if val else None,
+            "train_s": history[-1]["step_end"] - history[0]["step_start"],
+        }
     return out
 
 
@@ -157,8 +168,17 @@ def adapt(
         init_dir = storage.join(storage_path, f"{name}-init")  # where every worker can read it
         weights = init_adapter(pool, task, init_dir, config, featurizer)
     init_s = time.perf_counter() - started
-    result = train_lora(task, base_model, _lora(config, pool), config.training, config.deepspeed,
-                        config.resources, storage_path, name, init_adapter=init_dir)  # fmt: skip
+    result = train_lora(
+        task,
+        base_model,
+        _lora(config, pool),
+        config.training,
+        config.deepspeed,
+        config.resources,
+        storage_path,
+        name,
+        init_adapter=init_dir,
+    )
     fs, path = storage.resolve(out_dir)
     fs.create_dir(path, recursive=True)
     with _local_dir(result.adapter_dir) as local:
@@ -177,15 +197,20 @@ def adapt(
             **_summary(result),
             "init_s": init_s,
             "total_s": time.perf_counter() - started,
-        },  # fmt: skip
+        },
         "history": result.history,
     }
     storage.write_bytes(storage.join(out_dir, ADAPT_FILE), json.dumps(record, indent=2).encode())
     if weights is not None:
-        retrieval = {"target": task.name, "init": config.init, "rank": config.rank,
-                     "weights": weights}  # fmt: skip
+        retrieval = {
+            "target": task.name,
+            "init": config.init,
+            "rank": config.rank,
+            "weights": weights,
+        }
         if config.init == "twist":
             retrieval |= config.retrieval.model_dump(by_alias=True)
-        storage.write_bytes(storage.join(out_dir, RETRIEVAL_FILE),
-                            json.dumps(retrieval, indent=2).encode())  # fmt: skip
+        storage.write_bytes(
+            storage.join(out_dir, RETRIEVAL_FILE), json.dumps(retrieval, indent=2).encode()
+        )
     return AdaptResult(out_dir, config.init, weights, record["metrics"], result.history)

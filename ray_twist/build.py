@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -54,6 +55,7 @@ __all__ = [
     "BuildPoolError",
     "BuildReport",
     "SourceOutcome",
+    "build_and_print",
     "build_pool",
     "resolve_base_model",
     "source_tasks",
@@ -494,17 +496,20 @@ def _number(value: Any, fmt: str) -> str:
 
 
 def summary_table(report: BuildReport) -> Table:
-    """The end-of-build table: one row per source (metrics of skipped ones from the pool)."""
+    """The end-of-build table: one row per source (metrics of skipped ones from the pool),
+    the failed sources' errors below it."""
     state = "committed" if report.committed else "unchanged"
+    pool = "no pool yet" if report.generation is None else f"generation {report.generation}"
     table = Table(
         title=(
-            f"pool {report.pool}: generation {report.generation} ({state}); "
-            f"{len(report.trained)} trained, {len(report.skipped)} skipped, "
-            f"{len(report.failed)} failed in {report.seconds:.0f} s"
-        )
+            f"pool {report.pool}: {pool} ({state}); {len(report.trained)} trained, "
+            f"{len(report.skipped)} skipped, {len(report.failed)} failed in {report.seconds:.0f} s"
+        ),
+        caption="\n".join(f"{n}: {report.sources[n].error}" for n in report.failed) or None,
     )
+    numbers = {"steps", "samples/s", "train s"}
     for column in ("source", "status", "cluster", "steps", "loss", "samples/s", "train s", "run"):
-        table.add_column(column, justify="right" if column in {"steps", "samples/s"} else "left")
+        table.add_column(column, justify="right" if column in numbers else "left")
     colour = {"trained": "green", "skipped": "dim", "failed": "red"}
     for outcome in report.sources.values():
         m = outcome.metrics
@@ -514,9 +519,26 @@ def summary_table(report: BuildReport) -> Table:
             f"[{colour[outcome.status]}]{outcome.status}[/]",
             _number(outcome.cluster, "d"),
             _number(m.get("steps"), "d"),
-            loss if m else (outcome.error or "-"),
+            loss if "loss" in m else "-",
             _number(m.get("samples_per_s"), ".1f"),
             _number(m.get("train_s"), ".1f"),
             outcome.run,
         )
     return table
+
+
+def build_and_print(config: BuildPoolConfig, progress: bool = True) -> int:
+    """`build_pool`, then its summary table: the body of `twist pool build` and the job.
+
+    Returns the exit status: 0 built (or nothing to do), 1 some sources failed (the rest
+    committed; their errors are printed under the table).
+    """
+    # logs and pipes get a wide table instead of rich's 80-column default
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    try:
+        report = build_pool(config, progress=progress)
+    except BuildPoolError as exc:
+        console.print(summary_table(exc.report))
+        return 1
+    console.print(summary_table(report))
+    return 0

@@ -28,8 +28,14 @@ from ray_twist.initialise import RETRIEVAL_FILE
 from ray_twist.pool import Pool
 from ray_twist.study import build_world_backbone, plan_runs, summarise
 
-FAST = TrainingSettings(epochs=2, lr=1e-2, batch_size=4, val_fraction=0.25,
-                        early_stopping_patience=1, checkpoint_every_steps=None)  # fmt: skip
+FAST = TrainingSettings(
+    epochs=2,
+    lr=1e-2,
+    batch_size=4,
+    val_fraction=0.25,
+    early_stopping_patience=1,
+    checkpoint_every_steps=None,
+)
 ONE_WORKER = ResourceSettings(num_workers=1, cpus_per_worker=0.5)
 
 
@@ -94,8 +100,11 @@ def test_lambda_picks_the_retrieval_level(
     task = make_task("sailor", 12, seed=3)
     key = task_key(task, featurizer)
     tau = 0.2
-    config = AdaptConfig(init="twist", rank=2, retrieval=RetrievalSettings.model_validate(
-        {"lambda": lam, "tau": tau}))  # fmt: skip
+    config = AdaptConfig(
+        init="twist",
+        rank=2,
+        retrieval=RetrievalSettings.model_validate({"lambda": lam, "tau": tau}),
+    )
     weights = init_adapter(pool, task, str(tmp_path), config, featurizer)
 
     def cos(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -145,9 +154,14 @@ def test_adapt_fine_tunes_on_ray_train(
     """The sources' loop (Ray Train + DeepSpeed) with a validation split and early stopping;
     the output dir is a PEFT adapter of rank q plus the metrics and retrieval records."""
     pool_uri, base = t5_pool
-    config = AdaptConfig(init=init, rank=3, training=FAST,  # type: ignore[arg-type]
-                         deepspeed=DeepSpeedSettings(zero_stage=0), resources=ONE_WORKER,
-                         base_model=base if init == "scratch" else None)  # fmt: skip
+    config = AdaptConfig(
+        init=init,
+        rank=3,
+        training=FAST,  # type: ignore[arg-type]
+        deepspeed=DeepSpeedSettings(zero_stage=0),
+        resources=ONE_WORKER,
+        base_model=base if init == "scratch" else None,
+    )
     out = tmp_path / "adapter"
     pool = pool_uri if init == "twist" else None  # scratch needs no pool
     result = adapt(make_task("sailor", 16), str(out), config, pool)
@@ -178,8 +192,10 @@ def test_study_plan_dedupes_shared_runs() -> None:
 
 
 def test_summarise_means_and_spread() -> None:
-    rows = [{"init": "twist", "g": g, "g_rule": None, "acc": 1.0, "acc_rule": None, "bleu": 2.0}
-            for g in (10.0, 20.0, 30.0)]  # fmt: skip
+    rows = [
+        {"init": "twist", "g": g, "g_rule": None, "acc": 1.0, "acc_rule": None, "bleu": 2.0}
+        for g in (10.0, 20.0, 30.0)
+    ]
     [entry] = summarise(rows, ["init"])
     assert entry["n"] == 3 and entry["g"] == pytest.approx(20.0)
     assert entry["g_std"] == pytest.approx(np.std([10.0, 20.0, 30.0]))

@@ -164,25 +164,14 @@ def test_progress_reads_the_newest_readable_checkpoint(tmp_path: Path) -> None:
 
 
 def test_summary_table_renders_every_source() -> None:
+    metrics = {"steps": 8, "first_loss": 10.5, "loss": 9.25, "samples_per_s": 40.0, "train_s": 1.6}
     report = BuildReport(
         pool="/pools/p",
         generation=3,
         committed=True,
         seconds=12.0,
         sources={
-            "pirate": SourceOutcome(
-                "pirate",
-                "trained",
-                "pirate-abc",
-                {
-                    "steps": 8,
-                    "first_loss": 10.5,
-                    "loss": 9.25,
-                    "samples_per_s": 40.0,
-                    "train_s": 1.6,
-                },
-                0,  # fmt: skip
-            ),
+            "pirate": SourceOutcome("pirate", "trained", "pirate-abc", metrics, cluster=0),
             "shouty": SourceOutcome("shouty", "failed", "shouty-def", error="RuntimeError: boom"),
         },
     )
@@ -190,7 +179,11 @@ def test_summary_table_renders_every_source() -> None:
     console.print(summary_table(report))
     text = console.export_text()
     assert "generation 3 (committed); 1 trained, 0 skipped, 1 failed" in text
-    assert "10.500 → 9.250" in text and "RuntimeError: boom" in text and "pirate-abc" in text
+    assert "10.500 → 9.250" in text and "pirate-abc" in text
+    assert "shouty: RuntimeError: boom" in text  # failures are listed under the table
+    report.generation, report.committed = None, False
+    console.print(summary_table(report))
+    assert "no pool yet (unchanged)" in console.export_text()
 
 
 # ------------------------------------------------------------------ real Ray + DeepSpeed
@@ -333,7 +326,7 @@ def head_node() -> Iterator[str]:
                             start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while True:
             try:
                 JobSubmissionClient(url).list_jobs()
@@ -363,7 +356,7 @@ def submit_and_wait(address: str, config_path: Path) -> tuple[str, str]:
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
          "--working-dir", str(REPO), "--submission-id", job_id, "--no-wait", "--",
          "python", "jobs/build_pool.py", "--config", str(config_path)],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stdout + submit.stderr
     client = JobSubmissionClient(address)

@@ -40,8 +40,12 @@ def test_bleu_matches_the_hand_computed_value() -> None:
 
 
 def test_scores_acc_bleu_g_and_perplexity_by_hand() -> None:
-    outputs = ["arr, the boat is big today.", "the dog runs in the park now.",
-               "my friend buys a red coat here.", "the old farmer sells the cart."]  # fmt: skip
+    outputs = [
+        "arr, the boat is big today.",
+        "the dog runs in the park now.",
+        "my friend buys a red coat here.",
+        "the old farmer sells the cart.",
+    ]
     report = score(
         outputs,
         sources=["x"] * 4,
@@ -113,8 +117,9 @@ def test_classifier_probabilities_match_scikit_learn(n_classes: int) -> None:
     x = rng.normal(size=(60, 5))
     y = np.array(["abc"[i % n_classes] for i in range(60)])
     model = LogisticRegression(max_iter=500).fit(x, y)
-    ours = StyleClassifier(list(model.classes_), model.coef_.tolist(), model.intercept_.tolist(),
-                           "none", 0.0, 60, 0)  # fmt: skip
+    ours = StyleClassifier(
+        list(model.classes_), model.coef_.tolist(), model.intercept_.tolist(), "none", 0.0, 60, 0
+    )
     assert np.allclose(ours.probabilities(x), model.predict_proba(x), atol=1e-8)
     assert (ours.predict_embeddings(x) == model.predict(x)).all()
 
@@ -142,18 +147,26 @@ def random_adapter(tiny_backbones: dict[str, str], tmp_path_factory: pytest.Temp
 
     torch.manual_seed(0)
     model = load_backbone(tiny_backbones["t5"]).model
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                        target_modules=default_lora_targets(model.config))  # fmt: skip
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=default_lora_targets(model.config),
+    )
     out = tmp_path_factory.mktemp("adapter") / "ad"
     get_peft_model(model, config).save_pretrained(out)
     return str(out)
 
 
 def test_evaluate_adapter_end_to_end(random_adapter: str, tmp_path: Path) -> None:
-    test = TestSet("t", ["my friend is here.", "hello, your boat is small."],
-                   [["arr, me matey be here."], ["arr, ahoy, your boat be small."]])  # fmt: skip
-    report = evaluate_adapter(random_adapter, test, style="pirate", perplexity=True,
-                              out=str(tmp_path / "eval"))  # fmt: skip
+    test = TestSet(
+        "t",
+        ["my friend is here.", "hello, your boat is small."],
+        [["arr, me matey be here."], ["arr, ahoy, your boat be small."]],
+    )
+    report = evaluate_adapter(
+        random_adapter, test, style="pirate", perplexity=True, out=str(tmp_path / "eval")
+    )
     assert report.n == 2 and report.bleu_against == "references"
     assert report.acc is not None and report.acc_rule is not None  # classifier + rule checker
     assert report.perplexity is not None and math.isfinite(report.perplexity)
@@ -189,12 +202,17 @@ def test_bad_adapters_give_clear_errors(
 
 
 def test_plots_write_pngs(tmp_path: Path) -> None:
-    rows = [{"init": init, "fraction": f, "rank": q, "g": g, "g_rule": g / 2}
-            for init, g0 in (("scratch", 10.0), ("twist", 30.0))
-            for f, q in ((0.01, 2), (0.1, 8)) for g in (g0, g0 + 4)]  # fmt: skip
+    rows = [
+        {"init": init, "fraction": f, "rank": q, "g": g, "g_rule": g / 2}
+        for init, g0 in (("scratch", 10.0), ("twist", 30.0))
+        for f, q in ((0.01, 2), (0.1, 8))
+        for g in (g0, g0 + 4)
+    ]
     metrics = {"g": "classifier", "g_rule": "rules"}
-    for path in (plot_vs_fraction(rows, tmp_path / "f.png", metrics, "t"),
-                 plot_vs_rank(rows, tmp_path / "q.png", metrics, "t")):  # fmt: skip
+    for path in (
+        plot_vs_fraction(rows, tmp_path / "f.png", metrics, "t"),
+        plot_vs_rank(rows, tmp_path / "q.png", metrics, "t"),
+    ):
         assert Path(path).read_bytes()[:4] == b"\x89PNG"
     emb = np.random.default_rng(0).normal(size=(30, 8))
     path = plot_style_map(emb, ["a"] * 15 + ["b"] * 15, tmp_path / "u.png", "t")

@@ -37,11 +37,18 @@ def _mean_std(
     return xs, [float(np.mean(v)) for v in values], [float(np.std(v)) for v in values]
 
 
+_STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-")]
+
+
 def _lines(ax: Any, rows: Sequence[dict[str, Any]], key: str, x: str, by: str) -> None:
-    for group in dict.fromkeys(row[by] for row in rows):
+    """A line per group; markers and dashes differ, so coinciding lines stay visible."""
+    for i, group in enumerate(dict.fromkeys(row[by] for row in rows)):
         xs, mean, std = _mean_std([r for r in rows if r[by] == group], key, x)
+        marker, dash = _STYLES[i % len(_STYLES)]
         if xs:
-            ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=str(group))
+            ax.errorbar(
+                xs, mean, yerr=std, marker=marker, linestyle=dash, capsize=3, label=str(group)
+            )
 
 
 def _curves(

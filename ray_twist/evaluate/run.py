@@ -58,8 +58,10 @@ class TestSet:
 
     @classmethod
     def from_task(cls, task: Task) -> TestSet:
-        refs = [[t, *(task.references[i] if task.references else [])]
-                for i, t in enumerate(task.targets)]  # fmt: skip
+        refs = [
+            [t, *(task.references[i] if task.references else [])]
+            for i, t in enumerate(task.targets)
+        ]
         return cls(task.name, list(task.sources), refs)
 
     @property
@@ -182,9 +184,14 @@ def output_nll(
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
     for start in range(0, len(outputs), batch_size):
-        batch = tokenize_pairs(backbone.tokenizer, backbone.family,
-                               list(sources[start : start + batch_size]),
-                               list(outputs[start : start + batch_size]), max_length, max_length)  # fmt: skip
+        batch = tokenize_pairs(
+            backbone.tokenizer,
+            backbone.family,
+            list(sources[start : start + batch_size]),
+            list(outputs[start : start + batch_size]),
+            max_length,
+            max_length,
+        )
         inputs = {k: v.to(device) for k, v in batch.items()}
         labels = inputs["labels"]
         if backbone.family == "causal":  # position t predicts token t+1
@@ -260,8 +267,9 @@ def evaluate_outputs(
     else:
         notes.append("no style classifier or style name: ACC and G are not computed")
     rule = [check_style(style, o) for o in outputs] if style in STYLES else None
-    report = score(outputs, test.sources, test.references, style, hits, predicted, probs, rule,
-                   nll, lowercase)  # fmt: skip
+    report = score(
+        outputs, test.sources, test.references, style, hits, predicted, probs, rule, nll, lowercase
+    )
     report.notes += notes
     if classifier is not None:
         report.classifier_heldout_acc = classifier.heldout_accuracy
@@ -305,8 +313,12 @@ def evaluate_adapter(
         base = backbone.name
     report = evaluate_outputs(test, outputs, style, classifier, nll, lowercase, label)
     report.notes = notes + report.notes
-    report.meta = {"adapter": adapter_dir, "test": test.name, "base_model": base,
-                   "generation": dataclasses.asdict(settings)}  # fmt: skip
+    report.meta = {
+        "adapter": adapter_dir,
+        "test": test.name,
+        "base_model": base,
+        "generation": dataclasses.asdict(settings),
+    }
     if out is not None:
         write_report(report, out)
     return report
@@ -327,7 +339,8 @@ def _recorded_style(adapter_dir: str) -> str | None:
 
 def write_report(report: EvalReport, out: str) -> None:
     """`summary.json` and `examples.jsonl` (one row per example) under `out`."""
-    storage.write_bytes(storage.join(out, "summary.json"),
-                        json.dumps(report.summary(), indent=2).encode())  # fmt: skip
+    storage.write_bytes(
+        storage.join(out, "summary.json"), json.dumps(report.summary(), indent=2).encode()
+    )
     rows = (json.dumps(dataclasses.asdict(e), ensure_ascii=False) for e in report.examples)
     storage.write_bytes(storage.join(out, "examples.jsonl"), ("\n".join(rows) + "\n").encode())

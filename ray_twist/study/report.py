@@ -1,0 +1,130 @@
+"""The study's tables and figures: means ± std over seeds, G curves, the style map."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ray_twist import storage
+from ray_twist.data.synthetic import make_task
+from ray_twist.evaluate.classifier import shared_featurizer
+from ray_twist.study.runs import Context
+
+__all__ = ["G_METRICS", "report", "summarise"]
+
+G_METRICS = {"g": "G (style classifier)", "g_rule": "G (rule checker)"}
+
+
+def summarise(rows: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean, std and count over seeds of each metric, per group of `by` columns."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in by), []).append(row)
+    out = []
+    for key, members in groups.items():
+        entry: dict[str, Any] = dict(zip(by, key, strict=True)) | {"n": len(members)}
+        for metric in ("g", "g_rule", "acc", "acc_rule", "bleu"):
+            values = [m[metric] for m in members if m.get(metric) is not None]
+            entry[metric] = float(np.mean(values)) if values else None
+            entry[f"{metric}_std"] = float(np.std(values)) if values else None
+        out.append(entry)
+    return out
+
+
+def _table(stats: Sequence[dict[str, Any]], by: Sequence[str]) -> str:
+    def cell(entry: dict[str, Any], metric: str) -> str:
+        mean, std = entry[metric], entry[f"{metric}_std"]
+        return "-" if mean is None else f"{mean:.1f} ± {std:.1f}"
+
+    metrics = ("g", "g_rule", "acc", "acc_rule", "bleu")
+    lines = [
+        "| " + " | ".join([*by, "seeds", *metrics]) + " |",
+        "|" + "---|" * (len(by) + 1 + len(metrics)),
+    ]
+    for entry in stats:
+        keys = [str(entry[k]) for k in by]
+        lines.append(
+            "| " + " | ".join([*keys, str(entry["n"]), *(cell(entry, m) for m in metrics)]) + " |"
+        )
+    return "\n".join(lines)
+
+
+def _style_map(ctx: Context, sources: list[str], rows: list[dict[str, Any]], path: str) -> str:
+    """Figure 5: style features of source-style texts, references and generated outputs.
+
+    A text's style feature is its embedding minus its input's (both unit-norm): raw sentence
+    embeddings cluster by content, which every style here shares; the shift keeps the style.
+    """
+    from ray_twist.evaluate.plots import plot_style_map
+
+    n = ctx.config.evaluation.umap_texts_per_group
+    pairs: list[tuple[str, str]] = []  # (input, text)
+    groups: list[str] = []
+    for style in sources:
+        pairs += make_task(style, n, seed=ctx.config.world.seed + 7).pairs
+        groups += [f"source: {style}"] * n
+    assert ctx.test.targets is not None
+    pairs += list(zip(ctx.test.sources, ctx.test.targets, strict=True))[:n]
+    groups += [f"reference: {ctx.style}"] * (len(pairs) - len(groups))
+    fraction = ctx.config.ablations.fraction if ctx.config.ablations else min(ctx.config.fractions)
+    for init in ("scratch", "twist"):
+        run = next(
+            (
+                r
+                for r in rows
+                if r["init"] == init and r["fraction"] == fraction and r["sweep"] == "main"
+            ),
+            None,
+        )
+        if run is not None:
+            record = json.loads(
+                storage.read_bytes(storage.join(ctx.out, "runs", f"{run['run']}.json"))
+            )
+            pairs += [(e["source"], e["output"]) for e in record["examples"][:n]]
+            groups += [f"generated: {init} ({100 * fraction:g} %)"] * (len(pairs) - len(groups))
+    featurizer = shared_featurizer(ctx.config.featurizer)
+    shift = featurizer.encode([t for _, t in pairs]) - featurizer.encode([x for x, _ in pairs])
+    title = f"style features (output − input embedding, UMAP), target {ctx.style}"
+    return plot_style_map(shift, groups, path, title)
+
+
+def report(
+    ctx: Context, sources: list[str], table: list[dict[str, Any]]
+) -> tuple[str, list[str], dict[str, Any]]:
+    """summary.md text, the figures, and the per-sweep statistics."""
+    from ray_twist.evaluate.plots import plot_vs_fraction, plot_vs_rank
+
+    out, target, clf = ctx.out, ctx.style, ctx.classifier
+    by = {"main": ["fraction", "init"], "lambda": ["lam"], "rank": ["rank"], "top_k": ["top_k"]}
+    swept = {name: [r for r in table if r["sweep"] == name] for name in by}
+    stats = {name: summarise(rows, by[name]) for name, rows in swept.items() if rows}
+    lines = [
+        f"# Low-resource study: target {target!r}, sources {', '.join(sources)}",
+        f"style classifier held-out accuracy: {clf.heldout_accuracy:.1f} % "
+        f"({clf.n_heldout} texts, {len(clf.classes)} labels)",
+    ]
+    for name, entries in stats.items():
+        lines += ["", f"## {name}", _table(entries, by[name])]
+    figures = [
+        plot_vs_fraction(
+            swept["main"],
+            str(Path(out, "fig2_g_vs_fraction.png")),
+            G_METRICS,
+            f"target {target}: G vs data, mean ± std over seeds",
+        )
+    ]
+    if swept["rank"]:
+        figures.append(
+            plot_vs_rank(
+                swept["rank"],
+                str(Path(out, "fig4_g_vs_rank.png")),
+                G_METRICS,
+                f"target {target}: G vs q (TWIST init)",
+            )
+        )
+    figures.append(_style_map(ctx, sources, table, str(Path(out, "fig5_style_umap.png"))))
+    return "\n".join(lines) + "\n", figures, stats

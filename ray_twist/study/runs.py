@@ -1,0 +1,163 @@
+"""The study's plan and its unit of work: one adaptation + evaluation, run as a Ray task."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray_twist import storage
+from ray_twist.config import AdaptConfig, InitMethod, RetrievalSettings, StudyConfig
+from ray_twist.data.task import Task
+from ray_twist.evaluate.classifier import StyleClassifier, shared_featurizer
+from ray_twist.evaluate.run import TestSet, evaluate_adapter
+
+__all__ = ["Context", "RunSpec", "execute", "plan_runs", "run_one"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One adaptation of the study: which sweep it serves and its settings."""
+
+    sweep: str  # "main", "lambda", "rank" or "top_k"
+    init: InitMethod
+    fraction: float
+    seed: int
+    rank: int
+    lam: float
+    top_k: int | None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What the run computes (a run shared by two sweeps is run once)."""
+        return (self.init, self.fraction, self.seed, self.rank, self.lam, self.top_k)
+
+    @property
+    def name(self) -> str:
+        k = "all" if self.top_k is None else self.top_k
+        return (
+            f"{self.init}-f{self.fraction:g}-s{self.seed}-q{self.rank}-l{self.lam:g}-k{k}".replace(
+                ".", "p"
+            )
+        )
+
+
+def plan_runs(config: StudyConfig) -> list[RunSpec]:
+    """Main grid (fractions × inits × seeds) then TWIST ablations, without duplicates."""
+    base = config.retrieval
+    specs = [
+        RunSpec("main", init, fraction, seed, config.rank, base.lam, base.top_k)
+        for fraction in config.fractions
+        for init in config.inits
+        for seed in config.seeds
+    ]
+    ab = config.ablations
+    if ab is not None:
+        for seed in config.seeds:
+            twist = RunSpec("lambda", "twist", ab.fraction, seed, config.rank, base.lam, base.top_k)
+            specs += [dataclasses.replace(twist, lam=lam) for lam in ab.lambdas]
+            specs += [dataclasses.replace(twist, sweep="rank", rank=q) for q in ab.ranks]
+            specs += [dataclasses.replace(twist, sweep="top_k", top_k=k) for k in ab.top_ks]
+    return specs
+
+
+# ---------------------------------------------------------------- one run (a Ray task)
+
+
+@dataclass
+class Context:
+    """What every run shares (shipped once through the object store)."""
+
+    out: str
+    pool: str
+    target: Task
+    test: TestSet
+    style: str
+    classifier: StyleClassifier
+    config: StudyConfig
+
+
+def run_one(spec: RunSpec, ctx: Context) -> dict[str, Any]:
+    """Adapt, restyle the test set and score it; write and return the run's row."""
+    from ray_twist.adapt import adapt
+    from ray_twist.generation import GenerationSettings
+
+    cfg = ctx.config
+    started = time.perf_counter()
+    task = ctx.target.sample(fraction=spec.fraction, seed=spec.seed)
+    adapt_config = AdaptConfig(
+        init=spec.init,
+        rank=spec.rank,
+        retrieval=RetrievalSettings.model_validate(
+            {"lambda": spec.lam, "tau": cfg.retrieval.tau, "top_k": spec.top_k}
+        ),
+        training=cfg.training.model_copy(update={"seed": spec.seed}),
+        deepspeed=cfg.deepspeed,
+        resources=cfg.resources,
+        storage_path=storage.join(ctx.out, "train"),
+    )
+    result = adapt(
+        task,
+        storage.join(ctx.out, "adapters", spec.name),
+        adapt_config,
+        ctx.pool,
+        featurizer=shared_featurizer(cfg.featurizer),
+    )
+    ev = cfg.evaluation
+    settings = GenerationSettings(max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams)
+    report = evaluate_adapter(
+        result.adapter_dir,
+        ctx.test,
+        ctx.style,
+        ctx.classifier,
+        generation=settings,
+        batch_size=ev.batch_size,
+    )
+    row = {
+        **dataclasses.asdict(spec),
+        "run": spec.name,
+        "n_train": len(task),
+        **{k: getattr(report, k) for k in ("acc", "acc_rule", "bleu", "g", "g_rule")},
+        "classifier_heldout_acc": report.classifier_heldout_acc,
+        **{k: result.metrics.get(k) for k in ("steps", "epochs", "best_val_loss", "train_s")},
+        "weights": json.dumps(result.weights) if result.weights is not None else None,
+        "seconds": time.perf_counter() - started,
+    }
+    record = {"row": row, "examples": [dataclasses.asdict(e) for e in report.examples]}
+    storage.write_bytes(
+        storage.join(ctx.out, "runs", f"{spec.name}.json"), json.dumps(record).encode()
+    )
+    return row
+
+
+def _done(out: str, spec: RunSpec) -> dict[str, Any] | None:
+    uri = storage.join(out, "runs", f"{spec.name}.json")
+    return json.loads(storage.read_bytes(uri))["row"] if storage.exists(uri) else None
+
+
+def execute(specs: Sequence[RunSpec], ctx: Context) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Run every distinct spec not already done, as parallel Ray tasks."""
+    import ray
+
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    todo: dict[tuple[Any, ...], RunSpec] = {}
+    for spec in specs:
+        if spec.key in rows or spec.key in todo:
+            continue
+        done = _done(ctx.out, spec)
+        if done is not None:
+            rows[spec.key] = done
+        else:
+            todo[spec.key] = spec
+    remote = ray.remote(num_cpus=ctx.config.cpus_per_run, max_retries=1)(run_one)
+    shared = ray.put(ctx)
+    pending = {
+        remote.options(name=f"study[{s.name}]").remote(s, shared): k for k, s in todo.items()
+    }
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        rows[pending.pop(ready[0])] = ray.get(ready[0])
+    return rows
