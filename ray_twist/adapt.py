@@ -124,6 +124,8 @@ def _summary(result: TrainResult) -> dict[str, Any]:
         "run": result.name,
         "stopped_early": bool(result.metrics.get("stopped_early")),
         "best_val_loss": result.metrics.get("best_val_loss"),
+        "world_size": result.metrics.get("world_size"),  # DeepSpeed's process group
+        "zero_stage": result.metrics.get("zero_stage"),
     }
     if history:
         val = [row["val_loss"] for row in history if "val_loss" in row]

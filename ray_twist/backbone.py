@@ -35,7 +35,8 @@ Family = Literal["seq2seq", "causal", "encoder-decoder"]
 TinyKind = Literal["t5", "gpt2", "llama", "bert2bert"]
 TINY_KINDS: tuple[TinyKind, ...] = ("t5", "gpt2", "llama", "bert2bert")
 
-#: Marker written next to a warm-started BERT2BERT so reloads keep the family.
+#: Seed of the new cross-attention weights when a bare encoder is warm-started as BERT2BERT.
+WARM_START_SEED = 0
 _ENCODER_ONLY_TYPES = {"bert", "roberta", "distilbert", "electra", "xlm-roberta"}
 
 
@@ -144,7 +145,12 @@ def load_backbone(
         model = EncoderDecoderModel.from_pretrained(name_or_path, dtype=dtype)
         _configure_bert2bert(model, tokenizer)
     else:
-        model = EncoderDecoderModel.from_encoder_decoder_pretrained(name_or_path, name_or_path)
+        # the decoder's cross-attention is new: seed it, so that every load of this encoder
+        # (every Ray worker, every later session) gets the same base model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(WARM_START_SEED)
+            model = EncoderDecoderModel.from_encoder_decoder_pretrained(name_or_path, name_or_path)
+        model.name_or_path = model.config._name_or_path = name_or_path  # PEFT records it
         _configure_bert2bert(model, tokenizer)
     movable: Any = model  # transformers' typed wrapper of .to() rejects dtypes and strings
     movable.to(dtype=dtype, device=device)

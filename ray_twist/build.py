@@ -243,7 +243,8 @@ def _latest_state(storage_path: str, run: str) -> dict[str, Any] | None:
 def _expected_steps(task: Task, config: BuildPoolConfig) -> int:
     """Roughly how many steps a run takes (early stopping may end it sooner)."""
     training = config.training
-    per_worker = len(task) * (1 - training.val_fraction) / config.resources.num_workers
+    workers = max(1, config.resources.num_workers)  # 0: local mode, one process
+    per_worker = len(task) * (1 - training.val_fraction) / workers
     total = training.epochs * max(1, math.ceil(int(per_worker) / training.batch_size))
     return min(total, training.max_steps or total)
 

@@ -33,9 +33,11 @@ __all__ = [
     "FaultSettings",
     "FeaturizerSettings",
     "InitMethod",
+    "InstanceRetrievalSettings",
     "LoraSettings",
     "MergeTargetsConfig",
     "ResourceSettings",
+    "RestyleCorpusConfig",
     "RetrievalSettings",
     "Settings",
     "SourceSettings",
@@ -111,7 +113,9 @@ class DeepSpeedSettings(Settings):
 class ResourceSettings(Settings):
     """Ray resources per training run; fractional CPUs let small runs share a node."""
 
-    num_workers: int = Field(default=1, ge=1)
+    num_workers: int = Field(
+        default=1, ge=0, description="0 = Ray Train local mode: the loop runs in the caller"
+    )
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)
 
@@ -167,6 +171,13 @@ class RetrievalSettings(Settings):
     top_k: int | None = Field(default=None, ge=1, description="keep the k best sources")
 
 
+class InstanceRetrievalSettings(RetrievalSettings):
+    """Per-sentence retrieval (instance and mixture modes) and the instance-mode merge rank;
+    serving (`retrieval:` of a serve config) and bulk restyling share it."""
+
+    rank: int = Field(default=8, ge=1, description="rank q of the truncated SVD merge")
+
+
 class MergeTargetsConfig(Settings):
     """jobs/merge_targets.py: TWIST initialisations for many targets in one batched job."""
 
@@ -179,6 +190,67 @@ class MergeTargetsConfig(Settings):
     chunk_size: int = Field(default=128, ge=1, description="targets per batched core SVD")
     dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="stored adapter precision")
     num_gpus: float = Field(default=0, ge=0, description="GPUs for the merge task (CUDA merge)")
+
+
+# ---------------------------------------------------------------- bulk restyling
+
+
+class RestyleCorpusConfig(Settings):
+    """jobs/restyle_corpus.py: restyle a corpus with Ray Data (see `ray_twist.restyle`).
+
+    Give exactly one of `adapter` (mode "adapted": one PEFT adapter merged into the base
+    model) or `pool` (modes "instance" / "mixture": every row its own retrieval-weighted
+    merge of the pool's sources, as in serving; `retrieval` applies only here).
+    """
+
+    input: str = Field(description="Parquet / JSONL / text file or directory (URI)")
+    output: str = Field(description="output URI: Parquet parts, _errors/, _summary.json")
+    adapter: str | None = Field(default=None, description="PEFT adapter dir (adapted mode)")
+    pool: str | None = Field(default=None, description="weight pool URI (instance/mixture)")
+    mode: Literal["adapted", "instance", "mixture"] | None = Field(
+        default=None, description="default: adapted with an adapter, instance with a pool"
+    )
+    base_model: str | None = Field(
+        default=None, description="default: the adapter's base_model_name_or_path, or the pool's"
+    )
+    style: str | None = Field(
+        default=None,
+        description="adapted: the label written with each row [adapter dir name]; with a "
+        "pool: a pool source whose style key is the task-level query [none: each sentence]",
+    )
+    retrieval: InstanceRetrievalSettings | None = Field(
+        default=None, description="λ, τ, top-k and rank q (pool modes only) [defaults]"
+    )
+    input_format: Literal["parquet", "jsonl", "text"] | None = None
+    text_column: str = "text"
+    id_column: str = "id"
+    max_input_tokens: int = Field(default=128, ge=2, description="longer rows go to _errors/")
+    max_new_tokens: int = Field(default=32, ge=1)
+    num_beams: int = Field(default=1, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(default=16, ge=1, description="rows per generate call")
+    rows_per_part: int = Field(default=256, ge=1, description="rows per actor call / part file")
+    min_workers: int = Field(default=1, ge=1)
+    max_workers: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0.0, description="CPUs per actor")
+    num_gpus: float | None = Field(
+        default=None, ge=0.0, description="default: 1 if the cluster has GPUs"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source_of_style(self) -> RestyleCorpusConfig:
+        if (self.adapter is None) == (self.pool is None):
+            raise ValueError(
+                "give exactly one of adapter (adapted mode) or pool (instance/mixture)"
+            )
+        if self.min_workers > self.max_workers:
+            raise ValueError("min_workers must not exceed max_workers")
+        if self.retrieval is not None and self.pool is None:
+            raise ValueError("retrieval settings apply only with a pool")
+        return self
 
 
 # ---------------------------------------------------------------- twist pool build

@@ -24,6 +24,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -80,7 +82,7 @@ class TrainResult:
     adapter_dir: str
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-    checkpoint_path: str = ""
+    checkpoint_path: str = ""  # the final Ray Train checkpoint; "" in local mode (not kept)
 
     @property
     def losses(self) -> list[float]:
@@ -264,6 +266,27 @@ def _maybe_inject_failure(fault: FaultSettings, marker_uri: str, step: int) -> N
     raise RuntimeError(f"injected failure at step {step}")
 
 
+def _init_process_group() -> None:
+    """DeepSpeed's process group: Ray Train's own, or (local mode, `num_workers: 0`) a
+    one-process gloo/NCCL group, kept for later runs in the same Ray worker process."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False
+        )
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+         "MASTER_PORT": str(port)}
+    )  # fmt: skip
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker body: LoRA + DeepSpeed training with checkpoint/resume.
 
@@ -288,9 +311,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     model.train()
 
     on_gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(
-        dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False
-    )
+    _init_process_group()
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -326,6 +347,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         )
         return {k: v.to(engine.device) for k, v in inputs.items()}
 
+    local_checkpoints: list[str] = []
+
     def report_checkpoint(extra: dict[str, Any]) -> None:
         """Save a checkpoint and report it with the latest metrics.
 
@@ -335,17 +358,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         """
         metrics = {**(state.history[-1] if state.history else {}), **engine_facts, **extra}
         metrics["resumed_from_step"] = resumed_from_step
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(
-                os.path.join(tmp, DS_DIR),
-                tag=DS_TAG,
-                save_latest=False,
-                exclude_frozen_parameters=True,
-            )
-            _save_adapter(engine.module, Path(tmp, ADAPTER_DIR), ds_settings.zero_stage)
-            if rank == 0:
-                Path(tmp, STATE_FILE).write_text(json.dumps(state.__dict__))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        tmp = tempfile.mkdtemp(prefix="ray-twist-checkpoint-")
+        engine.save_checkpoint(
+            os.path.join(tmp, DS_DIR), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True
+        )
+        _save_adapter(engine.module, Path(tmp, ADAPTER_DIR), ds_settings.zero_stage)
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps(state.__dict__))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # Ray Train has uploaded it to storage; local mode keeps only the directory itself,
+        # so there the latest one lives on (train_lora copies the adapter out, then drops it)
+        if local_checkpoints:
+            for old in local_checkpoints:
+                shutil.rmtree(old, ignore_errors=True)
+            local_checkpoints.clear()
+        if config["local_mode"]:
+            local_checkpoints.append(tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def validation_loss(data: DataIterator) -> float:
         """Rank 0 scores the whole validation set; every rank gets its number."""
@@ -423,6 +453,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     report_checkpoint(
         {"done": True, "stopped_early": state.stopped_early, "best_val_loss": state.best_val_loss}
     )
+    if config["local_mode"]:  # through DeepSpeed, so that it drops its cached groups too
+        deepspeed.comm.destroy_process_group()
     return {"history": state.history, "resumed_from_step": resumed_from_step, **engine_facts}
 
 
@@ -507,6 +539,7 @@ def train_lora(
             "init_adapter": init_adapter,
             "has_validation": "validation" in datasets,
             "fault_marker": storage.join(storage_path, name, FAULT_MARKER),
+            "local_mode": resources.num_workers == 0,
         },
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
@@ -534,13 +567,15 @@ def train_lora(
         source_filesystem=result.checkpoint.filesystem,
         destination_filesystem=fs,
     )
+    if resources.num_workers == 0:  # local mode: the checkpoint is a local temp dir
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
     returned = result.return_value or {}
     return TrainResult(
         name=name,
         adapter_dir=storage.join(storage_path, name, ADAPTER_DIR),
         metrics=dict(result.metrics or {}),
         history=list(returned.get("history", [])),
-        checkpoint_path=result.checkpoint.path,
+        checkpoint_path="" if resources.num_workers == 0 else result.checkpoint.path,
     )
 
 
@@ -560,7 +595,8 @@ def train_many(
     init_adapters: dict[str, str] | None = None,
     fault: FaultSettings | None = None,
 ) -> dict[str, TrainResult]:
-    """Train one LoRA per task, concurrently: one zero-CPU Ray task drives each `fit()`.
+    """Train one LoRA per task, concurrently: one Ray task drives each `fit()` (zero-CPU, or
+    holding the run's resources in local mode, `num_workers: 0`).
 
     Runs start as soon as the cluster has room for their workers (`resources` each);
     the run for task `t` is named `t.name`. Raises `TrainManyError` (carrying the finished
@@ -574,7 +610,13 @@ def train_many(
     for n in names:
         _check_name(n)
     init_adapters = init_adapters or {}
-    remote_train = ray.remote(num_cpus=0, max_retries=0)(_train_lora_kwargs)
+    # the task only drives `fit()`, except in local mode, where the loop runs inside it
+    local = resources.num_workers == 0
+    remote_train = ray.remote(
+        num_cpus=resources.cpus_per_worker if local else 0,
+        num_gpus=resources.gpus_per_worker if local else 0,
+        max_retries=0,
+    )(_train_lora_kwargs)
     common = {
         "base_model": base_model,
         "lora": lora,

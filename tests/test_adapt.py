@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,46 @@ def test_adapt_fine_tunes_on_ray_train(
     assert (out / RETRIEVAL_FILE).exists() == (init == "twist")
     if init == "twist":
         assert result.weights is not None and sum(result.weights.values()) == pytest.approx(1.0)
+
+
+def test_local_mode_runs_back_to_back_in_one_process(
+    ray_session, t5_pool: tuple[str, str], tmp_path: Path
+) -> None:
+    """`num_workers: 0` (the study's setting): Ray Train local mode inside one Ray task, twice
+    in the same worker process, each with its own one-process DeepSpeed group; the local
+    checkpoints are not left behind."""
+    import ray
+
+    pool_uri, base = t5_pool
+    config = AdaptConfig(
+        init="scratch",
+        rank=2,
+        training=FAST.model_copy(update={"checkpoint_every_steps": 2}),
+        deepspeed=DeepSpeedSettings(zero_stage=0),
+        resources=ResourceSettings(num_workers=0),
+        base_model=base,
+    )
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+
+    def two_runs() -> list[tuple[int, dict]]:
+        import os
+
+        tempfile.tempdir = str(scratch)  # where this process's checkpoints go
+        try:
+            outs = [adapt(make_task("sailor", 12), str(tmp_path / f"a{i}"), config) for i in (0, 1)]
+        finally:
+            tempfile.tempdir = None
+        return [(os.getpid(), r.metrics) for r in outs]
+
+    runs = ray.get(ray.remote(num_cpus=1)(two_runs).remote())
+    assert len({pid for pid, _ in runs}) == 1
+    for i, (_, metrics) in enumerate(runs):
+        assert metrics["world_size"] == 1 and metrics["steps"] >= 3
+        assert {t.shape[0] for k, t in _peft_loads(base, str(tmp_path / f"a{i}")).items()
+                if "lora_A" in k} == {2}  # fmt: skip
+    assert not list(scratch.glob("ray-twist-checkpoint-*"))
 
 
 # ------------------------------------------------------------------ the study
