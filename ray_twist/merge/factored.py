@@ -5,9 +5,11 @@ With the sources' factors stacked, B = [B_1 … B_N] (d_out×Nr) and A = [A_1; �
 columns. One QR per module and pool, B = Q_B R_B and Aᵀ = Q_A R_A, turns it into
 Q_B (R_B D(w) R_Aᵀ) Q_Aᵀ: the SVD of the delta is the SVD of the small core C = R_B D(w) R_Aᵀ.
 
-The top-q singular triplets of a batch of cores come from one batched `eigh` of C Cᵀ in
-float64 (on the CPU even when the factors live on a GPU) (about twice as fast as a batched SVD on CPU and exact to float64 precision for the
-leading triplets), then B_t = Q_B U_q Σ_q^½ and A_t = Σ_q^-½ U_qᵀ C Q_Aᵀ = Σ_q^½ V_qᵀ Q_Aᵀ.
+The top-q singular triplets of a batch of cores come from one batched `eigh` of C Cᵀ (on the
+CPU even when the factors live on a GPU), then B_t = Q_B U_q Σ_q^½ and
+A_t = Σ_q^-½ U_qᵀ C Q_Aᵀ = Σ_q^½ V_qᵀ Q_Aᵀ. The cores are summed in float64 (weights may
+cancel), the Gram matrix and its `eigh` run at the stack's precision: in float32 (the
+default) twice as fast as float64 on the CPU, ≈5e-6 relative error on the merged delta.
 """
 
 from __future__ import annotations
@@ -93,10 +95,13 @@ class FactorStack:
     def merge_svd(self, weights: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         """Rank-q truncated SVD of each target's delta, as (A_t (T,q,d_in), B_t (T,d_out,q))."""
         core = self.cores(weights)
-        gram = core @ core.mT
+        # the eigensolve runs at the stack's precision (float32 unless built in float64)
+        eig_dtype = torch.float64 if self.q_b.dtype == torch.float64 else torch.float32
+        low = core.to(eig_dtype)
+        gram = low @ low.mT
         # CUDA's batched eigh solves one matrix at a time above 32×32, far slower than LAPACK
         # on the CPU for these small cores; the big projections below stay on the device.
-        eigvals, eigvecs = (x.to(gram.device) for x in torch.linalg.eigh(gram.cpu()))
+        eigvals, eigvecs = (x.to(core) for x in torch.linalg.eigh(gram.cpu()))
         keep = min(rank, gram.shape[-1])
         u = eigvecs[..., -keep:].flip(-1)  # (T, k_b, keep), leading first
         sigma = eigvals[..., -keep:].flip(-1).clamp_min(0).sqrt()  # (T, keep)
