@@ -153,17 +153,15 @@ def cmd_pool_build(args: argparse.Namespace) -> int:
 
 
 def cmd_restyle(args: argparse.Namespace) -> int:
-    from ray_twist.merge import read_adapter
     from ray_twist.restyle import restyle_corpus
 
-    base_model = args.base_model or read_adapter(args.adapter).config.get("base_model_name_or_path")
-    if not base_model:
-        print("error: the adapter names no base model; pass --base-model", file=sys.stderr)
-        return 2
-    summary = restyle_corpus(args.input, args.output, base_model, args.adapter,
-                             style=args.style, batch_size=args.batch_size,
+    summary = restyle_corpus(args.input, args.output, args.base_model, args.adapter,
+                             mode=args.mode, style=args.style, batch_size=args.batch_size,
                              concurrency=(args.min_workers, args.max_workers),
-                             max_new_tokens=args.max_new_tokens)  # fmt: skip
+                             max_new_tokens=args.max_new_tokens,
+                             max_input_tokens=args.max_input_tokens, pool=args.pool,
+                             rank=args.rank, lam=args.lam, tau=args.tau,
+                             top_k=args.top_k)  # fmt: skip
     _print_json(summary)
     return 0
 
@@ -305,15 +303,28 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.set_defaults(handler=cmd_eval)
 
     restyle = sub.add_parser("restyle", help="restyle a corpus in bulk with Ray Data")
-    restyle.add_argument("--adapter", required=True, help="PEFT adapter dir of the target style")
+    styled_by = restyle.add_mutually_exclusive_group(required=True)
+    styled_by.add_argument("--adapter", help="PEFT adapter dir of the target style (adapted mode)")
+    styled_by.add_argument("--pool", help="weight pool URI: each row its own retrieved merge "
+                           "(instance / mixture mode)")  # fmt: skip
+    restyle.add_argument("--mode", choices=["adapted", "instance", "mixture"],
+                         help="[adapted with --adapter, instance with --pool]")  # fmt: skip
     restyle.add_argument("--input", required=True, help="Parquet / JSONL / text URI")
     restyle.add_argument("--output", required=True, help="output URI (Parquet parts; resumable)")
-    restyle.add_argument("--base-model", help="[the adapter's base_model_name_or_path]")
-    restyle.add_argument("--style", help="style label written with each row")
+    restyle.add_argument("--base-model", help="[the adapter's or the pool's base model]")
+    restyle.add_argument("--style", help="--adapter: label written with each row; --pool: a "
+                         "pool source whose style key is the task-level query")  # fmt: skip
     restyle.add_argument("--batch-size", type=int, default=16)
     restyle.add_argument("--min-workers", type=int, default=1)
     restyle.add_argument("--max-workers", type=int, default=1)
     restyle.add_argument("--max-new-tokens", type=int, default=32)
+    restyle.add_argument("--max-input-tokens", type=int, default=128,
+                         help="longer rows go to the errors output [128]")  # fmt: skip
+    restyle.add_argument("--rank", type=int, help="--pool: rank q of each row's merge [8]")
+    restyle.add_argument("--lambda", dest="lam", type=float,
+                         help="--pool: task- vs instance-level weight [0.5]")  # fmt: skip
+    restyle.add_argument("--tau", type=float, help="--pool: softmax temperature [0.1]")
+    restyle.add_argument("--top-k", type=int, help="--pool: keep the k best sources [all]")
     restyle.set_defaults(handler=cmd_restyle)
 
     serve_cmd = sub.add_parser("serve", help="run the Ray Serve endpoint (blocks; Ctrl-C stops)")

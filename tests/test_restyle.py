@@ -1,4 +1,5 @@
-"""Bulk restyling on real Ray Data: complete, equal to plain generation, resumable, bad rows kept."""
+"""Bulk restyling on real Ray Data: complete, equal to plain generation, resumable, bad rows
+kept; instance mode over a pool equal, row by row, to PEFT with that row's merge."""
 
 from __future__ import annotations
 
@@ -14,16 +15,20 @@ import torch
 from peft import PeftModel
 
 from ray_twist.backbone import Backbone, load_backbone, save_random_lora
+from ray_twist.cli import main
+from ray_twist.config import RestyleCorpusConfig, load_yaml
 from ray_twist.generation import generate
+from ray_twist.initialise import merge_weighted, pool_merge_sources
 from ray_twist.merge import MergeSources, read_adapter
+from ray_twist.pool import Pool
 from ray_twist.restyle import (
     FAIL_AFTER_PARTS_ENV,
     SUMMARY_FILE,
-    _line_rows,
     done_ids,
     restyle_corpus,
     text_id,
 )
+from ray_twist.restyle.inputs import _line_rows
 from ray_twist.rowlora import RowFactors, instance_factors
 
 # Ray workers cannot import this test module: ship the toy row styler below by value.
@@ -183,12 +188,86 @@ def test_row_styler_extension_point(setup, ray_session) -> None:
     expected = generate(load_backbone(setup["base"]), GOOD, max_new_tokens=6, batch_size=4,
                         max_input_tokens=32, row_factors=factors)  # fmt: skip
     assert table.column("output").to_pylist() == expected
-    got = table.column("retrieval").to_pylist()
-    assert [{d["source"]: d["weight"] for d in row} for row in got] == weights
+    assert [dict(row) for row in table.column("weights").to_pylist()] == weights
 
 
-def test_modes_without_row_factors_are_refused(setup) -> None:
-    with pytest.raises(NotImplementedError, match="row_styler"):
+def test_modes_need_their_source_of_style(setup) -> None:
+    with pytest.raises(ValueError, match="pass pool"):
         restyle_corpus("x.parquet", "out", setup["base"], None, mode="instance")
+    with pytest.raises(ValueError, match="not both"):
+        restyle_corpus("x.parquet", "out", setup["base"], setup["adapter"], pool="p")
+    with pytest.raises(ValueError, match="apply only with a pool"):
+        restyle_corpus("x.parquet", "out", setup["base"], setup["adapter"], top_k=2)
     with pytest.raises(ValueError, match="mode must be one of"):
         restyle_corpus("x.parquet", "out", setup["base"], None, mode="nope")
+
+
+def test_instance_mode_resumes_and_each_row_equals_peft_with_its_merge(
+    t5_pool, ray_session, tmp_path, monkeypatch, capsys
+) -> None:
+    """Per-row retrieval + rank-q merge over a pool, killed after one part and finished by
+    `twist restyle --pool`: every row's output equals that row alone through PEFT with an
+    adapter merged from the row's own recorded weights."""
+    pool_uri, base = t5_pool
+    texts, ids = GOOD[:10], [f"i{k}" for k in range(10)]
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [*ids, "bad"], "text": [*texts, " "]}), source)
+    out = tmp_path / "out"
+    monkeypatch.setenv(FAIL_AFTER_PARTS_ENV, "1")
+    with pytest.raises(Exception, match="injected failure"):
+        restyle_corpus(str(source), str(out), pool=pool_uri, rank=2, top_k=2, batch_size=4,
+                       max_new_tokens=6, rows_per_part=4)  # fmt: skip
+    partial = len(done_ids(str(out)))
+    assert 0 < partial < len(ids) + 1
+    monkeypatch.delenv(FAIL_AFTER_PARTS_ENV)
+    cli = ["restyle", "--pool", pool_uri, "--input", str(source), "--output", str(out),
+           "--mode", "instance", "--rank", "2", "--top-k", "2", "--batch-size", "4",
+           "--max-new-tokens", "6"]  # fmt: skip
+    capsys.readouterr()
+    assert main(cli) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_skipped_existing"] == partial
+    assert summary["rows_processed"] == len(ids) + 1 - partial
+
+    table = _output(out)
+    assert table.column("id").to_pylist() == ids
+    assert table.column("input").to_pylist() == texts
+    assert _errors(out) == {"bad": "empty text"}
+    sources = Pool.open(pool_uri).sources
+    weights = [dict(row) for row in table.column("weights").to_pylist()]
+    for row in weights:
+        assert len(row) == 2 and set(row) <= set(sources)  # top-2 of the pool's sources
+        assert sum(row.values()) == pytest.approx(1.0)
+    assert len({tuple(sorted(row.items())) for row in weights}) > 1  # per row, not per corpus
+    outputs = table.column("output").to_pylist()
+    assert len(set(outputs)) > 1
+    merge = pool_merge_sources(Pool.open(pool_uri))
+    for k, (text, row, got) in enumerate(zip(texts, weights, outputs, strict=True)):
+        [adapter] = merge_weighted(merge, [str(tmp_path / f"ref{k}")], [row], 2, progress=False)
+        assert generate(_adapted(base, adapter), [text], max_new_tokens=6) == [got], text
+
+
+def test_cli_takes_exactly_one_of_pool_or_adapter(capsys, tmp_path) -> None:
+    args = ["restyle", "--input", "in.jsonl", "--output", str(tmp_path / "out")]
+    for extra, message in [
+        (["--pool", "p", "--adapter", "a"], "argument --adapter: not allowed with argument --pool"),
+        ([], "one of the arguments --adapter --pool is required"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(args + extra)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    for extra, message in [  # refused before any Ray work
+        (["--adapter", "a", "--rank", "2"], "retrieval settings (rank) apply only with a pool"),
+        (["--pool", "p", "--mode", "adapted"], "mode 'adapted' restyles with one adapter"),
+        (["--adapter", "a", "--mode", "instance"], "adapter is for adapted mode"),
+    ]:
+        assert main(args + extra) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_job_config() -> None:
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_yaml(root / "jobs/configs/restyle_corpus.yaml", RestyleCorpusConfig)
+    assert cfg.pool and cfg.adapter is None and cfg.retrieval is not None
+    with pytest.raises(ValueError, match="exactly one of adapter"):
+        RestyleCorpusConfig(input="in", output="out", adapter="a", pool="p")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ray_twist.config import RetrievalSettings, Settings
+from ray_twist.config import InstanceRetrievalSettings, Settings
 from ray_twist.pool import validate_name
 
 
@@ -23,12 +23,6 @@ class StyleSettings(Settings):
         description="the style's examples (source/target pairs, as `twist init --target`); "
         "their style key becomes the task-level query in instance and mixture modes",
     )
-
-
-class InstanceRetrievalSettings(RetrievalSettings):
-    """Per-sentence retrieval (instance and mixture modes) and the instance-mode merge rank."""
-
-    rank: int = Field(default=8, ge=1, description="rank q of the truncated SVD merge")
 
 
 class LimitSettings(Settings):

@@ -6,7 +6,8 @@ its own LoRA through `ray_twist.rowlora`, so rows with different adapters share 
 pass: named adapters and per-sentence SVD merges ("adapted", "instance") as explicit
 per-row factors, untruncated mixtures ("mixture") as per-row weights over the pool's
 stacked factors. Rows are grouped only where they cannot share a `generate` call: by that
-factor form and by decoding settings.
+factor form and by decoding settings. Per-sentence retrieval and merges come from
+`ray_twist.instance.InstanceStyler`, the code bulk restyling uses too.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from ray_twist.backbone import load_backbone
 from ray_twist.data.readers import read_task
 from ray_twist.features import Featurizer, task_key
 from ray_twist.generation import GenerationSettings, encode, generate_ids
-from ray_twist.initialise import pool_merge_sources
+from ray_twist.instance import InstanceStyler, weight_dicts
 from ray_twist.merge import ModuleFactors, read_adapter
 from ray_twist.pool import Pool
-from ray_twist.retrieval import instance_retrieval
-from ray_twist.rowlora import MixtureStack, RowFactors, per_row_factors, row_lora
+from ray_twist.rowlora import RowFactors, per_row_factors, row_lora
 from ray_twist.serve.api import (
     MODES,
     ApiError,
@@ -43,7 +43,7 @@ from ray_twist.serve.api import (
     Timing,
     Usage,
 )
-from ray_twist.serve.config import InstanceRetrievalSettings, ServeConfig
+from ray_twist.serve.config import ServeConfig
 
 
 @dataclass(frozen=True)
@@ -108,38 +108,6 @@ class Work:
     adapter: ModuleFactors | None = None
 
 
-class Retriever:
-    """Per-sentence retrieval over a pool and the pool's factors (QR cache, mixture stack)."""
-
-    def __init__(
-        self, pool: Pool, config: ServeConfig, device: str, featurizer: Featurizer
-    ) -> None:
-        self.pool, self.params, self.featurizer = pool, config.retrieval, featurizer
-        self.sources = pool_merge_sources(pool, device)
-        self.mixture = MixtureStack(self.sources, device)
-        for module in self.sources.modules:  # QR once now, not inside the first request
-            self.sources.stack(module)
-        self.style_keys = {name: pool.style_keys[i] for i, name in enumerate(pool.sources)}
-        for name, style in config.styles.items():
-            if style.examples:
-                task = read_task(style.examples, name=name)
-                self.style_keys[name] = task_key(task, featurizer).style_key
-
-    def weights(self, texts: list[str], styles: list[str | None]) -> np.ndarray:
-        """(T, N) source weights; a row's style key (if named) is its task-level query."""
-        emb = self.featurizer.encode(texts)
-        query = np.stack([self.style_keys[s] if s else e for s, e in zip(styles, emb, strict=True)])
-        p: InstanceRetrievalSettings = self.params
-        return instance_retrieval(self.pool, emb, p.lam, p.tau, p.top_k, style_query=query)
-
-    def merged(self, weights: np.ndarray) -> list[ModuleFactors]:
-        """Rank-q truncated SVD merges, one batched core SVD per module for all rows."""
-        return self.sources.merge(torch.from_numpy(weights).float(), self.params.rank, "svd")
-
-    def mixture_rows(self, weights: np.ndarray) -> dict[str, RowFactors]:
-        return self.mixture.rows(torch.from_numpy(weights).float())
-
-
 def _aligned(rows: list[ModuleFactors]) -> list[ModuleFactors]:
     """Every row gets every module: a zero rank-1 pair where its adapter leaves one out."""
     like = {m: pair for row in rows for m, pair in row.items()}
@@ -179,7 +147,7 @@ class _Group:
 
 
 class Engine:
-    """Base model, style catalog and (with a pool) a Retriever; thread-safe `run`."""
+    """Base model, style catalog and (with a pool) an InstanceStyler; thread-safe `run`."""
 
     def __init__(self, config: ServeConfig, device: str | None = None) -> None:
         self.config = config
@@ -192,10 +160,17 @@ class Engine:
         tokenizer = copy.deepcopy(self.backbone.tokenizer)
         self._front = dataclasses.replace(self.backbone, tokenizer=tokenizer)
         self.catalog = Catalog(config, self.pool)
-        self.retriever: Retriever | None = None
+        self.retriever: InstanceStyler | None = None
         if self.pool is not None:
             featurizer = Featurizer(config.featurizer or self.pool.featurizer, device=self.device)
-            self.retriever = Retriever(self.pool, config, self.device, featurizer)
+            keys = {  # a registered style with examples: its style key is the task-level query
+                name: task_key(read_task(style.examples, name=name), featurizer).style_key
+                for name, style in config.styles.items()
+                if style.examples
+            }
+            self.retriever = InstanceStyler(
+                self.pool, config.retrieval, self.device, featurizer, style_keys=keys
+            )
         self._lock = threading.Lock()  # one batch at a time owns the model's LoRA hooks
 
     def prepare(self, request: RestyleRequest) -> Work:
@@ -310,9 +285,7 @@ class Engine:
         if weights is None:
             retrieval = [{work.request.style or "": 1.0} for _ in texts]
         else:
-            retrieval = [
-                {n: float(w) for n, w in zip(names, row, strict=True) if w > 0} for row in weights
-            ]
+            retrieval = weight_dicts(names, weights)
         decoded = self.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]
         usage = Usage(
             input_tokens=sum(len(row) for row in work.ids),

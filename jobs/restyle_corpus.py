@@ -1,0 +1,45 @@
+"""Ray job: restyle a corpus in bulk with Ray Data (one adapter, or per-row pool retrieval).
+
+    ray job submit --working-dir . -- python jobs/restyle_corpus.py \
+        --config jobs/configs/restyle_corpus.yaml
+
+Thin: parse the config, run `ray_twist.restyle.run_restyle_corpus` from the job's driver (it
+starts the Ray Data actor pool itself, one GPU per actor when the cluster has GPUs), print
+the summary. Re-submitting the same config resumes: rows already written are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import ray
+
+from ray_twist.config import ConfigError, RestyleCorpusConfig, load_yaml
+from ray_twist.restyle import run_restyle_corpus
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", required=True, help="YAML (see jobs/configs/restyle_corpus.yaml)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_yaml(args.config, RestyleCorpusConfig)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ray.init(ignore_reinit_error=True)
+    try:
+        summary = run_restyle_corpus(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Bulk restyling of a corpus with Ray Data: resumable, bad rows set aside, one model per actor.
+
+Input: Parquet, JSONL or text lines, a file or a directory, on any URI (see
+`ray_twist.restyle.inputs` for columns, row ids and which rows are errors).
+
+Output, under `output_uri`:
+    part-<h>.parquet          id, input, output, style; in instance / mixture mode also
+                              `weights`: map<string, double>, source name → retrieval weight
+                              (each row's weights sum to 1; sources outside its top-k, weight
+                              0, are left out). One file per actor call, written atomically
+                              and named by the hash of its ids
+    _errors/part-<h>.parquet  id, input, reason — null, non-string, empty/whitespace-only,
+                              undecodable UTF-8, malformed JSON, over `max_input_tokens`
+    _summary.json             settings and status ("running" from the start of a run,
+                              "complete" with the run's counts and seconds at its end)
+(names starting with "_" are skipped by Parquet dataset readers; `weights` reads back in
+pyarrow as a list of (source, weight) pairs per row: `dict(row)`). A re-run reads the ids
+already in parts and errors, skips those rows and restyles only the rest; it refuses an
+output written with different model, adapter, pool (or pool generation), style, retrieval
+or decoding settings.
+
+Modes:
+    adapted   one PEFT adapter merged into the weights (`adapter=None`: the bare base model)
+    instance  `pool=URI`: per row, instance retrieval over the pool (λ, τ, top-k) and the
+              rank-q truncated SVD merge of the sources: the paper's per-sentence TWIST
+    mixture   `pool=URI`: per row, the untruncated retrieval-weighted sum of the sources
+Both pool modes run `ray_twist.instance.InstanceStyler`, the code serving uses, loaded once
+per actor; a part's rows are retrieved and merged together and decoded `batch_size` rows per
+forward pass with per-row LoRA hooks (`ray_twist.rowlora`). Other per-row stylers plug in
+through `row_styler`: a factory, built once per actor from the loaded base model, mapping a
+batch of texts to per-row factors and source weights.
+"""
+
+from ray_twist.restyle.actor import (
+    ERRORS_DIR,
+    FAIL_AFTER_PARTS_ENV,
+    MODES,
+    SUMMARY_FILE,
+    WEIGHTS_TYPE,
+    Mode,
+    RestyleJob,
+    Restyler,
+    RowStyler,
+    RowStylerFactory,
+)
+from ray_twist.restyle.driver import done_ids, restyle_corpus, run_restyle_corpus
+from ray_twist.restyle.inputs import InputFormat, detect_input_format, read_rows, text_id
+
+__all__ = [
+    "ERRORS_DIR",
+    "FAIL_AFTER_PARTS_ENV",
+    "MODES",
+    "SUMMARY_FILE",
+    "WEIGHTS_TYPE",
+    "InputFormat",
+    "Mode",
+    "RestyleJob",
+    "Restyler",
+    "RowStyler",
+    "RowStylerFactory",
+    "detect_input_format",
+    "done_ids",
+    "read_rows",
+    "restyle_corpus",
+    "run_restyle_corpus",
+    "text_id",
+]
