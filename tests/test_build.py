@@ -1,19 +1,9 @@
 """Pool builds: real Ray Train + DeepSpeed on a tiny T5, Ray Data keys, one commit per build,
-and `ray job submit` against a separate head node."""
+and `ray job submit` to a two-node cluster."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ray_nodes import local_cluster, submit_job, wait_for_job
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -278,106 +269,41 @@ def test_builds_train_only_new_or_changed_sources(
 # ------------------------------------------------------------------ ray job submit
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def test_ray_job_submit_trains_on_two_nodes(ray_session, tmp_path: Path) -> None:
+    """`ray job submit` the build to a head + worker cluster on this machine: the source's
+    2 training workers (1.5 of each node's 2 CPUs) can only be placed one per node."""
+    from ray.util.state import list_actors
 
-
-def own_processes(temp_dir: str) -> list[int]:
-    """Pids whose command line names our head's temp dir (and so belong to it alone)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if temp_dir.encode() in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
-
-
-@contextlib.contextmanager
-def head_node() -> Iterator[str]:
-    """A separate Ray head (2 CPUs, dashboard) in its own session and temp dir; its
-    processes, and only they, are stopped afterwards (`ray stop` would kill every Ray)."""
-    from ray.job_submission import JobSubmissionClient
-
-    temp_dir = tempfile.mkdtemp(prefix="rtj", dir="/tmp")  # short: unix socket paths
-    dashboard = free_port()
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": dashboard,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-    }
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-               "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-               "--temp-dir", temp_dir, "--object-store-memory", str(200 * 2**20),
-               "--disable-usage-stats", *(str(x) for kv in ports.items() for x in kv)]  # fmt: skip
-    log = open(Path(temp_dir, "head.log"), "wb")  # noqa: SIM115 - closed in finally
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                JobSubmissionClient(url).list_jobs()
-                break
-            except Exception:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(Path(temp_dir, "head.log").read_text()[-3000:]) from None
-                time.sleep(2)
-        yield url
-    finally:
-        # a throwaway cluster needs no graceful stop: kill our own session's process group
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=60)
-        for pid in own_processes(temp_dir):  # anything that left the session
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def submit_and_wait(address: str, config_path: Path) -> tuple[str, str]:
-    """`ray job submit` the build job; poll until it ends: (status, logs)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    job_id = f"build-pool-{os.getpid()}-{time.time_ns()}"
-    submit = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
-         "--working-dir", str(REPO), "--submission-id", job_id, "--no-wait", "--",
-         "python", "jobs/build_pool.py", "--config", str(config_path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    client = JobSubmissionClient(address)
-    deadline = time.monotonic() + 720  # a loaded 2-core CI machine is slow
-    ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    while (status := client.get_job_status(job_id)) not in ended:
-        assert time.monotonic() < deadline, client.get_job_logs(job_id)[-3000:]
-        time.sleep(3)
-    return str(status), client.get_job_logs(job_id)
-
-
-def test_ray_job_submit_builds_a_pool(ray_session, tmp_path: Path) -> None:
-    cfg = config(tmp_path, [synthetic(["pirate"], n=16)])
+    training = {"max_steps": 8, "lr": 1e-2, "batch_size": 4, "checkpoint_every_steps": None}
+    cfg = config(
+        tmp_path,
+        [synthetic(["pirate"], n=16)],
+        training=training,
+        resources={"num_workers": 2, "cpus_per_worker": 1.5},
+    )
     path = tmp_path / "build.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    with head_node() as address:
-        status, logs = submit_and_wait(address, path)
-    assert status == "SUCCEEDED", logs[-5000:]
+    entrypoint = ["python", "jobs/build_pool.py", "--config", str(path)]
+    with local_cluster(workers=1, num_cpus=2) as cluster:
+        assert set(cluster.node_ids) == {"head", "worker"}
+        job_id = submit_job(cluster.dashboard, REPO, entrypoint)
+        status, logs = wait_for_job(cluster.dashboard, job_id, timeout=720)
+        assert status == "SUCCEEDED", logs[-5000:]
+        workers = list_actors(
+            address=cluster.dashboard,
+            filters=[("class_name", "=", "RayTrainWorker")],
+            detail=True,
+            timeout=120,
+        )
+    # Ray Train V2's worker actors (dead by now, still listed) ran on both nodes
+    assert len(workers) >= 2 and {w.node_id for w in workers} == set(cluster.node_ids.values()), (
+        [(w.node_id, w.state) for w in workers],
+        cluster.node_ids,
+    )
     pool = Pool.open(cfg.pool)
     metrics = pool.manifest["sources"]["pirate"]["metrics"]
-    assert pool.sources == ["pirate"] and metrics["steps"] == 6  # 16 examples / 8 × 3 epochs
+    # 16 examples split over 2 workers, 4 each per step: 2 steps per epoch x 3 epochs
+    assert pool.sources == ["pirate"] and metrics["steps"] == 6
     assert f"[progress] pirate ({metrics['run']}): step 6/6" in logs, logs[-5000:]
-    # the suite's own Ray survived the head's shutdown
+    # the suite's own Ray survived the cluster's shutdown
     assert ray_session.get(ray_session.put(7)) == 7

@@ -212,6 +212,36 @@ def test_zero2_run_survives_a_worker_failure(
     assert all(t.dtype == torch.float32 for t in weights.values())
 
 
+def assert_trained_concurrently(spans: dict[str, tuple[float, float]]) -> None:
+    """Sequential runs have disjoint step spans and a wall time of at least their sum.
+
+    Not "all at one instant": under load a run's worker group may start only after another
+    run has finished, so ask that every run shares time with some other run and that
+    together they took clearly less wall time than one after the other.
+    """
+
+    def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+        return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+    for name, span in spans.items():
+        others = [overlap(span, other) for n, other in spans.items() if n != name]
+        assert max(others) > 0, (name, spans)
+    wall = max(e for _, e in spans.values()) - min(s for s, _ in spans.values())
+    total = sum(e - s for s, e in spans.values())
+    assert wall < 0.9 * total, (wall, total, spans)
+
+
+def test_assert_trained_concurrently_rejects_sequential_runs() -> None:
+    assert_trained_concurrently({"a": (0, 10), "b": (5, 15), "c": (12, 22)})  # a chain
+    for sequential in [
+        {"a": (0, 10), "b": (10.5, 20), "c": (21, 30)},
+        {"a": (0, 10), "b": (2, 9), "c": (11, 30)},  # c alone
+        {"a": (0, 10), "b": (9.9, 20), "c": (19.9, 30)},  # touching is not concurrent
+    ]:
+        with pytest.raises(AssertionError):
+            assert_trained_concurrently(sequential)
+
+
 def test_many_sources_train_concurrently(
     ray_session, tiny_backbones: dict[str, str], tmp_path: Path
 ) -> None:
@@ -240,7 +270,7 @@ def test_many_sources_train_concurrently(
     )
     assert list(results) == ["reverse", "first_last", "upper"]
     spans = {n: (r.history[0]["step_start"], r.history[-1]["step_end"]) for n, r in results.items()}
-    assert max(s for s, _ in spans.values()) < min(e for _, e in spans.values()), spans
+    assert_trained_concurrently(spans)
     weights = {n: loads_with_peft(base, r.adapter_dir) for n, r in results.items()}
     for n, r in results.items():
         assert r.metrics["zero_stage"] == 2 and len(r.history) == 90
