@@ -11,25 +11,25 @@ sources failed (the rest are committed), 2 bad config.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import ray
 
 from ray_twist.build import build_and_print
-from ray_twist.config import BuildPoolConfig, ConfigError, load_yaml
+from ray_twist.config import BuildPoolConfig, parse_job_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML (see jobs/configs/build_pool_*.yaml)")
-    parser.add_argument("--no-progress", action="store_true", help="no per-source progress")
-    args = parser.parse_args(argv)
-    try:
-        config = load_yaml(args.config, BuildPoolConfig)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    parsed = parse_job_config(
+        __doc__,
+        BuildPoolConfig,
+        "jobs/configs/build_pool_*.yaml",
+        argv,
+        lambda p: p.add_argument("--no-progress", action="store_true", help="no progress bars"),
+    )
+    if parsed is None:
         return 2
+    config, args = parsed
     ray.init(ignore_reinit_error=True)  # RAY_ADDRESS under `ray job submit`; else local
     return build_and_print(config, progress=not args.no_progress)
 

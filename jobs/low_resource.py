@@ -10,25 +10,25 @@ Exit status: 0 done, 2 bad config.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import ray
 
-from ray_twist.config import ConfigError, StudyConfig, load_yaml
+from ray_twist.config import StudyConfig, parse_job_config
 from ray_twist.study import run_study
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML (see jobs/configs/low_resource.yaml)")
-    parser.add_argument("--out", help="override the config's output directory")
-    args = parser.parse_args(argv)
-    try:
-        config = load_yaml(args.config, StudyConfig)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    parsed = parse_job_config(
+        __doc__,
+        StudyConfig,
+        "jobs/configs/low_resource.yaml",
+        argv,
+        lambda p: p.add_argument("--out", help="override the config's output directory"),
+    )
+    if parsed is None:
         return 2
+    config, args = parsed
     if args.out:
         config = config.model_copy(update={"out": args.out})
     ray.init(ignore_reinit_error=True, log_to_driver=False)  # RAY_ADDRESS under `ray job submit`

@@ -9,26 +9,19 @@ GPU when `num_gpus > 0`, so the QR factors and batched core SVDs run on CUDA), p
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import ray
 
-from ray_twist.config import ConfigError, MergeTargetsConfig, load_yaml
+from ray_twist.config import MergeTargetsConfig, parse_job_config
 from ray_twist.initialise import run_merge_targets
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--config", required=True, help="YAML (see jobs/configs/merge_targets.yaml)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_yaml(args.config, MergeTargetsConfig)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    parsed = parse_job_config(__doc__, MergeTargetsConfig, "jobs/configs/merge_targets.yaml", argv)
+    if parsed is None:
         return 2
+    cfg, _ = parsed
     ray.init(ignore_reinit_error=True)
     task = ray.remote(num_gpus=cfg.num_gpus, num_cpus=1)(run_merge_targets)
     written = ray.get(task.remote(cfg))

@@ -10,27 +10,22 @@ the summary. Re-submitting the same config resumes: rows already written are ski
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import ray
 
-from ray_twist.config import ConfigError, RestyleCorpusConfig, load_yaml
+from ray_twist.config import RestyleCorpusConfig, parse_job_config
 from ray_twist.restyle import run_restyle_corpus
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--config", required=True, help="YAML (see jobs/configs/restyle_corpus.yaml)"
+    parsed = parse_job_config(
+        __doc__, RestyleCorpusConfig, "jobs/configs/restyle_corpus.yaml", argv
     )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_yaml(args.config, RestyleCorpusConfig)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if parsed is None:
         return 2
+    cfg, _ = parsed
     ray.init(ignore_reinit_error=True)
     try:
         summary = run_restyle_corpus(cfg)

@@ -7,6 +7,9 @@ names the file and the dotted key path (``build.yaml: training.lr: ...``).
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -49,6 +52,7 @@ __all__ = [
     "WorldSettings",
     "format_validation_error",
     "load_yaml",
+    "parse_job_config",
 ]
 
 
@@ -158,6 +162,29 @@ def load_yaml(path: str | Path, model_cls: type[M]) -> M:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from exc
+
+
+def parse_job_config(
+    doc: str,
+    model_cls: type[M],
+    example: str,
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[M, argparse.Namespace] | None:
+    """The `jobs/` scripts' shared front: `--config FILE` (+ the job's own flags), validated.
+
+    Returns None after printing the error (file and dotted key) to stderr: the job exits 2.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", required=True, help=f"YAML (see {example})")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return load_yaml(args.config, model_cls), args
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 class RetrievalSettings(Settings):
