@@ -331,9 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--config", required=True, help="see jobs/configs/serve.yaml")
     serve_cmd.set_defaults(handler=cmd_serve)
 
-    demo = sub.add_parser("demo", help="the whole pipeline offline on the local Ray, in minutes")
-    demo.add_argument("--workdir", default="runs/demo", help="where artefacts go [runs/demo]")
-    demo.add_argument("--quick", action="store_true", help="smaller sizes (tests, smoke runs)")
+    demo = sub.add_parser(
+        "demo",
+        help="the whole pipeline offline on the local Ray, in minutes: pool, twist vs scratch "
+        "adaptation and evaluation, Serve over HTTP, bulk restyling",
+    )
+    demo.add_argument(
+        "--workdir",
+        default="runs/demo",
+        help="where artefacts go; a re-run reuses the base model, the pool and finished "
+        "runs [runs/demo]",
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="every phase at the smallest sizes (tests, smoke runs)"
+    )
     demo.set_defaults(handler=cmd_demo)
     return parser
 
