@@ -522,12 +522,22 @@ class WorldBackboneSettings(Settings):
 
 
 class AblationSettings(Settings):
-    """TWIST-only sweeps at one data fraction: λ, the kept rank q and top-k."""
+    """TWIST-only sweeps at one data fraction: λ, τ, the kept rank q and top-k."""
 
     fraction: float = Field(default=0.01, gt=0, le=1)
     lambdas: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.0])
+    taus: list[float] = Field(
+        default_factory=lambda: [0.02, 0.1, 0.5], description="softmax temperatures"
+    )
     ranks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     top_ks: list[int | None] = Field(default_factory=lambda: [1, 2, 4, None])
+
+    @field_validator("taus")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(tau <= 0 for tau in value):
+            raise ValueError(f"every tau must be > 0, got {value}")
+        return value
 
     @field_validator("lambdas")
     @classmethod

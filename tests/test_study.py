@@ -39,7 +39,13 @@ STUDY = {
     "rank": 2,
     "training": {"epochs": 1, "max_steps": 2, "batch_size": 4, "checkpoint_every_steps": None},
     "resources": {"num_workers": 0, "cpus_per_worker": 1},
-    "ablations": {"fraction": 0.25, "lambdas": [1.0, 0.0], "ranks": [2], "top_ks": [None]},
+    "ablations": {
+        "fraction": 0.25,
+        "lambdas": [1.0, 0.0],
+        "taus": [0.5],
+        "ranks": [2],
+        "top_ks": [None],
+    },
     "evaluation": {
         "max_new_tokens": 6,
         "batch_size": 8,
@@ -78,20 +84,22 @@ def test_study_job_runs_and_resumes(ray_session, tmp_path: Path) -> None:
     assert main(["--config", str(config)]) == 0
 
     table = pq.read_table(out / "results.parquet").to_pylist()
-    # main: scratch + twist (λ=0.5); λ sweep adds λ=1 and λ=0; rank 2 and top-k all coincide
+    # main: scratch + twist (λ=0.5, τ=0.1); the λ sweep adds λ=1 and λ=0, the τ sweep τ=0.5;
+    # rank 2 and top-k all coincide with the main twist run
     assert sorted(r["sweep"] for r in table).count("main") == 2
-    assert {(r["init"], r["lam"]) for r in table} == {
-        ("scratch", 0.5),
-        ("twist", 0.5),
-        ("twist", 1.0),
-        ("twist", 0.0),
+    assert {(r["init"], r["lam"], r["tau"]) for r in table} == {
+        ("scratch", 0.5, 0.1),
+        ("twist", 0.5, 0.1),
+        ("twist", 1.0, 0.1),
+        ("twist", 0.0, 0.1),
+        ("twist", 0.5, 0.5),
     }
     for row in table:
         assert 0.0 <= row["acc"] <= 100.0 and math.isfinite(row["bleu"])
     runs = sorted((out / "runs").glob("*.json"))
-    assert len(runs) == 4
+    assert len(runs) == 5
     record = json.loads((out / "results.json").read_text())
-    assert record["distinct_runs"] == 4 and 0.0 <= record["classifier_heldout_acc"] <= 100.0
+    assert record["distinct_runs"] == 5 and 0.0 <= record["classifier_heldout_acc"] <= 100.0
     for figure in ("fig2_g_vs_fraction.png", "fig4_g_vs_rank.png", "fig5_style_umap.png"):
         assert (out / figure).stat().st_size > 1000
     assert "twist" in (out / "summary.md").read_text()

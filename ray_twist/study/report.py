@@ -99,7 +99,13 @@ def report(
     from ray_twist.evaluate.plots import plot_vs_fraction, plot_vs_rank
 
     out, target, clf = ctx.out, ctx.style, ctx.classifier
-    by = {"main": ["fraction", "init"], "lambda": ["lam"], "rank": ["rank"], "top_k": ["top_k"]}
+    by = {
+        "main": ["fraction", "init"],
+        "lambda": ["lam"],
+        "tau": ["tau"],
+        "rank": ["rank"],
+        "top_k": ["top_k"],
+    }
     swept = {name: [r for r in table if r["sweep"] == name] for name in by}
     stats = {name: summarise(rows, by[name]) for name, rows in swept.items() if rows}
     lines = [

@@ -22,34 +22,35 @@ __all__ = ["Context", "RunSpec", "execute", "plan_runs", "run_one"]
 class RunSpec:
     """One adaptation of the study: which sweep it serves and its settings."""
 
-    sweep: str  # "main", "lambda", "rank" or "top_k"
+    sweep: str  # "main", "lambda", "tau", "rank" or "top_k"
     init: InitMethod
     fraction: float
     seed: int
     rank: int
     lam: float
+    tau: float
     top_k: int | None
 
     @property
     def key(self) -> tuple[Any, ...]:
         """What the run computes (a run shared by two sweeps is run once)."""
-        return (self.init, self.fraction, self.seed, self.rank, self.lam, self.top_k)
+        return (self.init, self.fraction, self.seed, self.rank, self.lam, self.tau, self.top_k)
 
     @property
     def name(self) -> str:
         k = "all" if self.top_k is None else self.top_k
-        return (
-            f"{self.init}-f{self.fraction:g}-s{self.seed}-q{self.rank}-l{self.lam:g}-k{k}".replace(
-                ".", "p"
-            )
+        name = (
+            f"{self.init}-f{self.fraction:g}-s{self.seed}-q{self.rank}-l{self.lam:g}"
+            f"-t{self.tau:g}-k{k}"
         )
+        return name.replace(".", "p")
 
 
 def plan_runs(config: StudyConfig) -> list[RunSpec]:
     """Main grid (fractions × inits × seeds) then TWIST ablations, without duplicates."""
     base = config.retrieval
     specs = [
-        RunSpec("main", init, fraction, seed, config.rank, base.lam, base.top_k)
+        RunSpec("main", init, fraction, seed, config.rank, base.lam, base.tau, base.top_k)
         for fraction in config.fractions
         for init in config.inits
         for seed in config.seeds
@@ -57,8 +58,11 @@ def plan_runs(config: StudyConfig) -> list[RunSpec]:
     ab = config.ablations
     if ab is not None:
         for seed in config.seeds:
-            twist = RunSpec("lambda", "twist", ab.fraction, seed, config.rank, base.lam, base.top_k)
+            twist = RunSpec(
+                "lambda", "twist", ab.fraction, seed, config.rank, base.lam, base.tau, base.top_k
+            )
             specs += [dataclasses.replace(twist, lam=lam) for lam in ab.lambdas]
+            specs += [dataclasses.replace(twist, sweep="tau", tau=tau) for tau in ab.taus]
             specs += [dataclasses.replace(twist, sweep="rank", rank=q) for q in ab.ranks]
             specs += [dataclasses.replace(twist, sweep="top_k", top_k=k) for k in ab.top_ks]
     return specs
@@ -92,7 +96,7 @@ def run_one(spec: RunSpec, ctx: Context) -> dict[str, Any]:
         init=spec.init,
         rank=spec.rank,
         retrieval=RetrievalSettings.model_validate(
-            {"lambda": spec.lam, "tau": cfg.retrieval.tau, "top_k": spec.top_k}
+            {"lambda": spec.lam, "tau": spec.tau, "top_k": spec.top_k}
         ),
         training=cfg.training.model_copy(update={"seed": spec.seed}),
         deepspeed=cfg.deepspeed,
