@@ -15,6 +15,9 @@ Runs are named `<source>-<12 hex of both hashes>`, so a changed source never res
 stale checkpoint while an identical re-run after a crash resumes where it died. A run
 that fails for good does not stop the others: the finished ones are committed, then
 `BuildPoolError` reports the failures (re-running retrains only those).
+
+The report types and the summary table live in `ray_twist.build_report` (re-exported
+here), the live progress display in `ray_twist.build_progress`.
 """
 
 from __future__ import annotations
@@ -23,33 +26,29 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow.fs as pafs
 import ray
 from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 from transformers import AutoConfig
 
 from ray_twist import storage
 from ray_twist.backbone import build_tiny_backbone, config_hash, default_lora_targets
+from ray_twist.build_progress import expected_steps, show_progress
+from ray_twist.build_report import BuildPoolError, BuildReport, SourceOutcome, summary_table
 from ray_twist.config import BaseModelSettings, BuildPoolConfig, SourceSettings
 from ray_twist.data import denoising_task, make_world, read_task, read_texts
 from ray_twist.data.task import Task
 from ray_twist.features import TaskKey, task_keys
 from ray_twist.pool import MANIFEST, Pool, PoolMismatchError, SourceEntry, add_sources
-from ray_twist.train import STATE_FILE, TrainManyError, TrainResult, _local_dir, train_many
+from ray_twist.train import TrainManyError, TrainResult, _local_dir, train_many
 
 __all__ = [
     "BuildPoolError",
@@ -62,57 +61,6 @@ __all__ = [
     "summary_table",
     "training_hash",
 ]
-
-Status = Literal["trained", "skipped", "failed"]
-
-
-@dataclass
-class SourceOutcome:
-    """What a build did with one configured source."""
-
-    name: str
-    status: Status
-    run: str
-    metrics: dict[str, Any] = field(default_factory=dict)
-    cluster: int | None = None
-    error: str | None = None
-
-
-@dataclass
-class BuildReport:
-    """A build's result: per-source outcomes, the pool generation it left, phase timings."""
-
-    pool: str
-    generation: int | None
-    committed: bool
-    seconds: float
-    sources: dict[str, SourceOutcome]
-    phases: dict[str, float] = field(default_factory=dict)
-
-    def _with(self, status: Status) -> list[str]:
-        return [n for n, o in self.sources.items() if o.status == status]
-
-    @property
-    def trained(self) -> list[str]:
-        return self._with("trained")
-
-    @property
-    def skipped(self) -> list[str]:
-        return self._with("skipped")
-
-    @property
-    def failed(self) -> list[str]:
-        return self._with("failed")
-
-
-class BuildPoolError(RuntimeError):
-    """Some sources failed to train; the others are committed and in `report`."""
-
-    def __init__(self, report: BuildReport) -> None:
-        self.report = report
-        errors = "; ".join(f"{n}: {report.sources[n].error}" for n in report.failed)
-        super().__init__(f"{len(report.failed)} sources failed to train ({errors})")
-
 
 # ---------------------------------------------------------------- inputs and hashes
 
@@ -221,102 +169,6 @@ def _clustering_changed(previous: Pool, config: BuildPoolConfig) -> bool:
     return (used["n_clusters_requested"], used["seed"]) != (wanted.n_clusters, wanted.seed)
 
 
-# ---------------------------------------------------------------- progress
-
-
-def _latest_state(storage_path: str, run: str) -> dict[str, Any] | None:
-    """trainer_state.json of a run's newest readable checkpoint (None before the first)."""
-    fs, root = storage.resolve(storage.join(storage_path, run))
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return None
-    checkpoints = sorted(i.base_name for i in infos if i.base_name.startswith("checkpoint_"))
-    for name in reversed(checkpoints):
-        try:  # a checkpoint may still be uploading, or already rotated away
-            return json.loads(storage.read_bytes(storage.join(storage_path, run, name, STATE_FILE)))
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def _expected_steps(task: Task, config: BuildPoolConfig) -> int:
-    """Roughly how many steps a run takes (early stopping may end it sooner)."""
-    training = config.training
-    workers = max(1, config.resources.num_workers)  # 0: local mode, one process
-    per_worker = len(task) * (1 - training.val_fraction) / workers
-    total = training.epochs * max(1, math.ceil(int(per_worker) / training.batch_size))
-    return min(total, training.max_steps or total)
-
-
-def _watch(
-    stop: threading.Event, runs: dict[str, str], totals: dict[str, int], storage_path: str
-) -> None:
-    """Until `stop`: a live table on a terminal, one line per change elsewhere (job logs)."""
-    console = Console()
-    state: dict[str, tuple[int, float | None]] = {}
-
-    def poll() -> list[str]:
-        changed: list[str] = []
-        for name, run in runs.items():
-            latest = _latest_state(storage_path, run)
-            if latest is None:
-                continue
-            history = latest.get("history") or [{}]
-            row = (int(latest.get("step", 0)), history[-1].get("loss"))
-            if state.get(name) != row:
-                state[name] = row
-                changed.append(name)
-        return changed
-
-    def line(name: str) -> tuple[str, str, str, str]:
-        step, loss = state.get(name, (0, None))
-        shown = "-" if loss is None else f"{loss:.4f}"
-        return name, runs[name], f"{step}/{totals[name]}", shown
-
-    def render() -> Table:
-        table = Table(title="training sources (from their latest checkpoints)")
-        for column in ("source", "run", "step", "loss"):
-            table.add_column(column)
-        for name in runs:
-            table.add_row(*line(name))
-        return table
-
-    if console.is_terminal:
-        with Live(render(), console=console, refresh_per_second=2) as live:
-            while not stop.wait(2.0):
-                poll()
-                live.update(render())
-            poll()
-            live.update(render())
-        return
-    while True:
-        stopping = stop.wait(5.0)
-        for name in poll():
-            source, run, step, loss = line(name)
-            print(f"[progress] {source} ({run}): step {step}, loss {loss}", flush=True)
-        if stopping:
-            return
-
-
-@contextlib.contextmanager
-def _progress(
-    enabled: bool, runs: dict[str, str], totals: dict[str, int], storage_path: str
-) -> Iterator[None]:
-    """Show per-source progress in a thread while the body (the training) runs."""
-    if not enabled or not runs:
-        yield
-        return
-    stop = threading.Event()
-    thread = threading.Thread(target=_watch, args=(stop, runs, totals, storage_path), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 # ---------------------------------------------------------------- the build
 
 
@@ -363,8 +215,8 @@ def _train(
 ) -> tuple[dict[str, TrainResult], dict[str, str]]:
     """Train source → task (named by its run) concurrently: (results, errors) by run name."""
     runs = {source: task.name for source, task in to_train.items()}
-    totals = {source: _expected_steps(task, config) for source, task in to_train.items()}
-    with _progress(progress, runs, totals, config.storage_path):
+    totals = {source: expected_steps(task, config) for source, task in to_train.items()}
+    with show_progress(progress, runs, totals, config.storage_path):
         try:
             results = train_many(
                 list(to_train.values()),
@@ -487,45 +339,6 @@ def build_pool(config: BuildPoolConfig, progress: bool = True) -> BuildReport:
     if report.failed:
         raise BuildPoolError(report)
     return report
-
-
-# ---------------------------------------------------------------- summary
-
-
-def _number(value: Any, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def summary_table(report: BuildReport) -> Table:
-    """The end-of-build table: one row per source (metrics of skipped ones from the pool),
-    the failed sources' errors below it."""
-    state = "committed" if report.committed else "unchanged"
-    pool = "no pool yet" if report.generation is None else f"generation {report.generation}"
-    table = Table(
-        title=(
-            f"pool {report.pool}: {pool} ({state}); {len(report.trained)} trained, "
-            f"{len(report.skipped)} skipped, {len(report.failed)} failed in {report.seconds:.0f} s"
-        ),
-        caption="\n".join(f"{n}: {report.sources[n].error}" for n in report.failed) or None,
-    )
-    numbers = {"steps", "samples/s", "train s"}
-    for column in ("source", "status", "cluster", "steps", "loss", "samples/s", "train s", "run"):
-        table.add_column(column, justify="right" if column in numbers else "left")
-    colour = {"trained": "green", "skipped": "dim", "failed": "red"}
-    for outcome in report.sources.values():
-        m = outcome.metrics
-        loss = f"{_number(m.get('first_loss'), '.3f')} → {_number(m.get('loss'), '.3f')}"
-        table.add_row(
-            outcome.name,
-            f"[{colour[outcome.status]}]{outcome.status}[/]",
-            _number(outcome.cluster, "d"),
-            _number(m.get("steps"), "d"),
-            loss if "loss" in m else "-",
-            _number(m.get("samples_per_s"), ".1f"),
-            _number(m.get("train_s"), ".1f"),
-            outcome.run,
-        )
-    return table
 
 
 def build_and_print(config: BuildPoolConfig, progress: bool = True) -> int:

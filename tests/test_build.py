@@ -26,6 +26,7 @@ from ray_twist.build import (
     summary_table,
     training_hash,
 )
+from ray_twist.build_progress import latest_state
 from ray_twist.config import BuildPoolConfig, ConfigError, load_yaml
 from ray_twist.features import Featurizer, task_key
 from ray_twist.pool import Pool, PoolMismatchError
@@ -149,9 +150,9 @@ def test_progress_reads_the_newest_readable_checkpoint(tmp_path: Path) -> None:
         state = {"step": step, "history": [{"step": step, "loss": 1.0 / step}]}
         (run / f"checkpoint_{stamp}" / "trainer_state.json").write_text(json.dumps(state))
     (run / "checkpoint_2026-01-01_00-00-03.000001").mkdir()  # still being written
-    latest = build_module._latest_state(str(tmp_path), run.name)
+    latest = latest_state(str(tmp_path), run.name)
     assert latest is not None and latest["step"] == 8
-    assert build_module._latest_state(str(tmp_path), "not-started") is None
+    assert latest_state(str(tmp_path), "not-started") is None
 
 
 def test_summary_table_renders_every_source() -> None:

@@ -1,0 +1,77 @@
+"""The PEFT LoRA around a frozen base: wrapping, saving (ZeRO-3 aware), loading from a URI."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow.fs as pafs
+import torch
+
+from ray_twist import storage
+from ray_twist.config import LoraSettings
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    from ray_twist.backbone import Family
+
+__all__ = ["wrap_lora"]
+
+
+def wrap_lora(
+    model: PreTrainedModel, family: Family, lora: LoraSettings, init_adapter: str | None = None
+) -> PeftModel:
+    """Trainable PEFT LoRA around a frozen base; an `init_adapter` dir brings its own config."""
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+    from ray_twist.backbone import default_lora_targets, fan_in_fan_out
+
+    if init_adapter is not None:
+        with _local_dir(init_adapter) as path:
+            return PeftModel.from_pretrained(model, path, is_trainable=True)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules or default_lora_targets(model.config),
+        fan_in_fan_out=fan_in_fan_out(model.config),
+        task_type=TaskType.CAUSAL_LM if family == "causal" else TaskType.SEQ_2_SEQ_LM,
+    )
+    return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _local_dir(uri: str) -> Iterator[str]:
+    """A local path for a directory URI (downloaded to a temp dir when remote)."""
+    fs, path = storage.resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir(uri, tmp)
+        yield tmp
+
+
+def _save_adapter(model: PeftModel, out_dir: Path, zero_stage: int) -> None:
+    """PEFT adapter dir with fp32 weights, gathering ZeRO-3 partitions first."""
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gather = (
+        deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
+        if zero_stage == 3
+        else contextlib.nullcontext()
+    )
+    with gather:
+        state = {
+            name: param.detach().float().cpu().clone()
+            for name, param in model.named_parameters()
+            if param.requires_grad
+        }
+    if torch.distributed.get_rank() == 0:
+        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)

@@ -1,0 +1,246 @@
+"""Driver side: one training run per `TorchTrainer.fit()`, and many runs concurrently.
+
+A run whose `name` already has checkpoints under `storage_path` resumes, so a re-submitted
+job picks up where it died.
+
+Many sources train concurrently (`train_many`): each run's `fit()` is driven by its own
+zero-CPU Ray task, so the runs' placement groups share the cluster and Ray starts as many
+as the resources allow; the rest wait for capacity (Ray Train retries worker-group
+startup until it fits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import pyarrow.fs as pafs
+
+from ray_twist import storage
+from ray_twist.config import (
+    DeepSpeedSettings,
+    FaultSettings,
+    LoraSettings,
+    ResourceSettings,
+    TrainingSettings,
+)
+from ray_twist.data.task import Task
+from ray_twist.train.loop import ADAPTER_DIR, FAULT_MARKER, train_loop_per_worker
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+    from ray.train.v2.api.result import Result
+
+__all__ = ["TrainManyError", "TrainResult", "train_lora", "train_many"]
+
+
+@dataclass
+class TrainResult:
+    """What one training run leaves behind: a loadable adapter and its learning curve."""
+
+    name: str
+    adapter_dir: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint_path: str = ""  # the final Ray Train checkpoint; "" in local mode (not kept)
+
+    @property
+    def losses(self) -> list[float]:
+        return [row["loss"] for row in self.history]
+
+
+class TrainManyError(RuntimeError):
+    """Some runs of `train_many` failed; the others finished and are in `results`."""
+
+    def __init__(self, errors: dict[str, BaseException], results: dict[str, TrainResult]):
+        self.errors = errors
+        self.results = results
+        names = ", ".join(sorted(errors))
+        super().__init__(f"{len(errors)} of {len(errors) + len(results)} runs failed: {names}")
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name in {".", ".."} or ".." in name:
+        raise ValueError(f"run name {name!r} must be a plain name (no path separators or '..')")
+
+
+def _pairs_dataset(task: Task) -> Dataset:
+    import ray.data
+
+    return ray.data.from_items([{"source": s, "target": t} for s, t in task.pairs])
+
+
+def train_lora(
+    task: Task,
+    base_model: str,
+    lora: LoraSettings,
+    training: TrainingSettings,
+    deepspeed: DeepSpeedSettings,
+    resources: ResourceSettings,
+    storage_path: str,
+    name: str,
+    init_adapter: str | None = None,
+    fault: FaultSettings | None = None,
+) -> TrainResult:
+    """Train one LoRA on `task` with one `TorchTrainer.fit()`; return its adapter and curve.
+
+    The run lives at `storage_path/name` (checkpoints and the final `adapter/` copy), so the
+    adapter survives the driver. `init_adapter` starts from an existing PEFT adapter (its own
+    rank and targets win over `lora`), which is how TWIST initialises a target LoRA.
+    """
+    from ray.train import DataConfig
+    from ray.train.v2._internal.constants import is_v2_enabled
+    from ray.train.v2.api.config import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
+
+    if not is_v2_enabled():
+        raise RuntimeError("ray_twist.train needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
+
+    _check_name(name)
+    if deepspeed.precision == "fp16" and resources.gpus_per_worker == 0:
+        raise ValueError("deepspeed.precision: fp16 needs GPUs; use bf16 or fp32 on CPU workers")
+    fault = fault or FaultSettings()
+    train_task, val_task = (
+        task.split_off(training.val_fraction, seed=training.seed)
+        if training.val_fraction > 0
+        else (task, None)
+    )
+    if len(train_task) < resources.num_workers:
+        raise ValueError(
+            f"task {task.name!r} has {len(train_task)} training pairs for "
+            f"{resources.num_workers} workers; every worker needs at least one"
+        )
+    datasets: dict[str, Dataset | Callable[[], Dataset]] = {"train": _pairs_dataset(train_task)}
+    if val_task is not None and len(val_task):
+        datasets["validation"] = _pairs_dataset(val_task)
+
+    fs, root = storage.resolve(storage_path)
+    use_gpu = resources.gpus_per_worker > 0
+    per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "base_model": base_model,
+            "lora": lora,
+            "training": training,
+            "deepspeed": deepspeed,
+            "fault": fault,
+            "init_adapter": init_adapter,
+            "has_validation": "validation" in datasets,
+            "fault_marker": storage.join(storage_path, name, FAULT_MARKER),
+            "local_mode": resources.num_workers == 0,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=root,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=fault.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = cast("Result", trainer.fit())
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {name!r} finished without a checkpoint")
+    adapter_path = f"{root}/{name}/{ADAPTER_DIR}"
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(adapter_path)
+    fs.create_dir(adapter_path, recursive=True)
+    pafs.copy_files(
+        f"{result.checkpoint.path}/{ADAPTER_DIR}",
+        adapter_path,
+        source_filesystem=result.checkpoint.filesystem,
+        destination_filesystem=fs,
+    )
+    if resources.num_workers == 0:  # local mode: the checkpoint is a local temp dir
+        shutil.rmtree(result.checkpoint.path, ignore_errors=True)
+    returned = result.return_value or {}
+    return TrainResult(
+        name=name,
+        adapter_dir=storage.join(storage_path, name, ADAPTER_DIR),
+        metrics=dict(result.metrics or {}),
+        history=list(returned.get("history", [])),
+        checkpoint_path="" if resources.num_workers == 0 else result.checkpoint.path,
+    )
+
+
+def _train_lora_kwargs(kwargs: dict[str, Any]) -> TrainResult:
+    """`train_lora` with keyword arguments only: the body of `train_many`'s Ray tasks."""
+    return train_lora(**kwargs)
+
+
+def train_many(
+    tasks: list[Task],
+    base_model: str,
+    lora: LoraSettings,
+    training: TrainingSettings,
+    deepspeed: DeepSpeedSettings,
+    resources: ResourceSettings,
+    storage_path: str,
+    init_adapters: dict[str, str] | None = None,
+    fault: FaultSettings | None = None,
+) -> dict[str, TrainResult]:
+    """Train one LoRA per task, concurrently: one Ray task drives each `fit()` (zero-CPU, or
+    holding the run's resources in local mode, `num_workers: 0`).
+
+    Runs start as soon as the cluster has room for their workers (`resources` each);
+    the run for task `t` is named `t.name`. Raises `TrainManyError` (carrying the finished
+    results) after every run has ended if any failed.
+    """
+    import ray
+
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    for n in names:
+        _check_name(n)
+    init_adapters = init_adapters or {}
+    # the task only drives `fit()`, except in local mode, where the loop runs inside it
+    local = resources.num_workers == 0
+    remote_train = ray.remote(
+        num_cpus=resources.cpus_per_worker if local else 0,
+        num_gpus=resources.gpus_per_worker if local else 0,
+        max_retries=0,
+    )(_train_lora_kwargs)
+    common = {
+        "base_model": base_model,
+        "lora": lora,
+        "training": training,
+        "deepspeed": deepspeed,
+        "resources": resources,
+        "storage_path": storage_path,
+        "fault": fault,
+    }
+    pending = {
+        remote_train.options(name=f"train_lora[{t.name}]").remote(
+            {**common, "task": t, "name": t.name, "init_adapter": init_adapters.get(t.name)}
+        ): t.name
+        for t in tasks
+    }
+    results: dict[str, TrainResult] = {}
+    errors: dict[str, BaseException] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            task_name = pending.pop(ref)
+            try:
+                results[task_name] = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - collected and re-raised below
+                errors[task_name] = exc
+    if errors:
+        raise TrainManyError(errors, results) from next(iter(errors.values()))
+    return {n: results[n] for n in names}
