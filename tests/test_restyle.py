@@ -247,6 +247,29 @@ def test_instance_mode_resumes_and_each_row_equals_peft_with_its_merge(
         assert generate(_adapted(base, adapter), [text], max_new_tokens=6) == [got], text
 
 
+def test_mixture_mode_rows_equal_peft_with_their_exact_weighted_sum(
+    t5_pool, ray_session, tmp_path
+) -> None:
+    """`mixture`: every row runs the untruncated Σ w_s B_s A_s of its own weights, equal to
+    that row alone through PEFT with the exact ("linear") merge of those weights."""
+    pool_uri, base = t5_pool
+    texts = GOOD[:4]
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [f"m{k}" for k in range(4)], "text": texts}), source)
+    out = tmp_path / "out"
+    restyle_corpus(str(source), str(out), pool=pool_uri, mode="mixture", top_k=2, batch_size=4,
+                   max_new_tokens=6)  # fmt: skip
+    table = _output(out)
+    weights = [dict(row) for row in table.column("weights").to_pylist()]
+    assert all(len(row) == 2 and sum(row.values()) == pytest.approx(1.0) for row in weights)
+    merge = pool_merge_sources(Pool.open(pool_uri))
+    outputs = table.column("output").to_pylist()
+    for k, (text, row, got) in enumerate(zip(texts, weights, outputs, strict=True)):
+        ref = str(tmp_path / f"ref{k}")
+        [adapter] = merge_weighted(merge, [ref], [row], 1, method="linear", progress=False)
+        assert generate(_adapted(base, adapter), [text], max_new_tokens=6) == [got], text
+
+
 def test_cli_takes_exactly_one_of_pool_or_adapter(capsys, tmp_path) -> None:
     args = ["restyle", "--input", "in.jsonl", "--output", str(tmp_path / "out")]
     for extra, message in [
