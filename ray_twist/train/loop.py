@@ -155,14 +155,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         # Ray Train has uploaded it to storage; local mode keeps only the directory itself,
         # so there the latest one lives on (train_lora copies the adapter out, then drops it)
-        if local_checkpoints:
-            for old in local_checkpoints:
-                shutil.rmtree(old, ignore_errors=True)
-            local_checkpoints.clear()
-        if config["local_mode"]:
-            local_checkpoints.append(tmp)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        stale = local_checkpoints[:] if config["local_mode"] else [tmp]
+        local_checkpoints[:] = [tmp] if config["local_mode"] else []
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
 
     def validation_loss(data: DataIterator) -> float:
         """Rank 0 scores the whole validation set; every rank gets its number."""
