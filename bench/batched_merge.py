@@ -15,13 +15,13 @@ the ratio shows what writing costs. Ratios are of targets/s. Prints a table and 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import write_result
 
 from ray_twist.initialise import merge_weighted
 from ray_twist.merge import AdapterFactors, MergeSources
@@ -106,9 +106,7 @@ def main() -> None:
         print(f"  {r['device']:<8}{r['write']!s:<8}{r['seconds']:>10.2f}"
               f"{r['targets_per_s']:>12.2f}{r['bytes_written'] / 1e9:>12.2f}"
               f"{r['targets_per_s'] / anchor:>10.2f}x")  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": runs, "anchor": "first row"}, indent=2))
-    print(f"\nwrote {args.out}")
+    write_result(args.out, {"runs": runs, "anchor": "first row"})
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import time
-from pathlib import Path
 
 import torch
+from common import write_result
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5Config
 
 from ray_twist.backbone import packaged_minilm_path
@@ -101,8 +100,7 @@ def main() -> None:
     for r in runs:
         print(f"{r['device']:<7}{r['engine']:<18}{r['zero_stage']:>5}{r['precision']:>6}"
               f"{r['samples_per_s']:>11.1f}{r['loss_first']:>11.3f}{r['loss_last']:>10.3f}")  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": runs}, indent=2))
+    write_result(args.out, {"runs": runs})
 
 
 if __name__ == "__main__":

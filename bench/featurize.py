@@ -1,7 +1,7 @@
 """Benchmark: task keys on the Ray Data actor-pool featurizer vs a plain batched torch loop.
 
     python bench/featurize.py            # 8 styles x 400 pairs = 6400 sentences
-    python bench/featurize.py --quick    # 4 styles x 50 pairs
+    python bench/featurize.py --quick    # 4 styles x 64 pairs (one batch)
 
 Anchor: `features.task_key` per task with one in-process `Featurizer` (same MiniLM, batch
 size and torch thread count as one Ray Data actor), timed in the same run. Each way runs
@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import ray
 import torch
+from common import init_ray_fairly, write_result
 
 from ray_twist.data import STYLES, make_world
 from ray_twist.data.task import Task
@@ -36,15 +35,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="bench/results/featurize.json")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Ray starts workers at niceness 15: on a shared machine that alone would slow them
-    # against the nice-0 anchor, so both compete for the CPUs on equal terms
-    os.environ.setdefault("RAY_worker_niceness", "0")  # noqa: SIM112 - Ray's own spelling
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    init_ray_fairly(cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
     styles = list(STYLES)[:4] if args.quick else list(STYLES)
-    tasks = list(make_world(50 if args.quick else 400, seed=0, styles=styles).values())
+    tasks = list(make_world(64 if args.quick else 400, seed=0, styles=styles).values())
     sentences = sum(2 * len(t) for t in tasks)
 
     # one Ray Data actor holds one CPU: give the anchor that actor's torch thread count
@@ -111,9 +106,7 @@ def main() -> None:
         )
     print("  goal: Ray Data 1 actor >= 0.9x the anchor (steady: fixed costs subtracted)")
     print(f"  {'max |key difference|':<30}{max_diff:>10.1e}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ the same run. Prints a table and writes JSON (default bench/results/merge.json).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
-from pathlib import Path
 
 import torch
+from common import write_result
 from peft import LoraConfig, get_peft_model
 
 from ray_twist.merge import FactorStack, merge_lora_factors
@@ -113,9 +112,7 @@ def main() -> None:
     result: dict = {"torch_threads": torch.get_num_threads(), "single_module": single}
     if not args.single_only:
         result["bulk"] = _print_bulk(args.quick)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_result(args.out, result)
 
 
 def _print_bulk(quick: bool) -> dict:

@@ -16,7 +16,6 @@ Prints a table and writes JSON (default bench/results/restyle.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
+from common import write_result
 from peft import PeftModel
 
 from ray_twist.backbone import (
@@ -146,9 +146,7 @@ def main() -> None:
     print(f"\n  per worker / plain: {result['per_worker_vs_plain']:.2f}x   (goal >= 0.9x)")
     print(f"  2 vs 1 workers, end to end: {result['two_vs_one_workers_end_to_end']:.2f}x")
     print(f"  load average during the run: {result['load_average']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_result(args.out, result)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import socket
@@ -35,6 +34,7 @@ import httpx
 import numpy as np
 import ray
 import torch
+from common import write_result
 from peft import LoraConfig, PeftModel, get_peft_model
 from ray import serve
 
@@ -245,15 +245,9 @@ def main() -> None:
     }
     settings = {"quick": args.quick, "max_new_tokens": args.max_new_tokens,
                 "requests": n_requests, "levels": levels}  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"machine": machine, "settings": settings, "http": rows, "single_pass": passes},
-            indent=2,
-        )
+    write_result(
+        args.out, {"machine": machine, "settings": settings, "http": rows, "single_pass": passes}
     )
-    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

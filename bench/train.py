@@ -14,7 +14,6 @@ Prints a table and writes JSON (default bench/results/train.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 import ray
 import torch
+from common import init_ray_fairly, write_result
 
 from ray_twist.backbone import build_small_t5, build_tiny_backbone, load_backbone
 from ray_twist.config import DeepSpeedSettings, LoraSettings, ResourceSettings, TrainingSettings
@@ -114,12 +114,8 @@ def main() -> None:
                         help="DeepSpeed ZeRO stage of the Ray runs [2]")  # fmt: skip
     parser.add_argument("--out", default="bench/results/train.json")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Ray starts workers at niceness 15: on a shared machine that alone would slow them
-    # against the nice-0 anchor, so both compete for the CPUs on equal terms
-    os.environ.setdefault("RAY_worker_niceness", "0")  # noqa: SIM112 - Ray's own spelling
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    init_ray_fairly(cpus)
     steps = 20 if args.quick else 30
     batch = 16
     throughput = TrainingSettings(epochs=100, max_steps=steps, lr=1e-3, batch_size=batch,
@@ -171,9 +167,7 @@ def main() -> None:
     print(f"  {'concurrent (train_many)':<34}{many['concurrent_s']:>9.1f} s")
     print(f"  {'one after another':<34}{many['sequential_s']:>9.1f} s")
     print(f"  {'speed-up':<34}{many['speedup']:>9.2f} x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
