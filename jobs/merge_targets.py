@@ -13,6 +13,7 @@ import sys
 
 import ray
 
+from ray_twist import storage
 from ray_twist.config import MergeTargetsConfig, parse_job_config
 from ray_twist.initialise import run_merge_targets
 
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if parsed is None:
         return 2
     cfg, _ = parsed
+    # the task runs in another working directory: local paths leave here absolute
+    paths = {k: storage.absolute(getattr(cfg, k)) for k in ("pool", "targets", "out")}
+    cfg = cfg.model_copy(update=paths)
     ray.init(ignore_reinit_error=True)
     task = ray.remote(num_gpus=cfg.num_gpus, num_cpus=1)(run_merge_targets)
     written = ray.get(task.remote(cfg))

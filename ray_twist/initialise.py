@@ -3,7 +3,10 @@
 One target (`init_target`) or thousands (`merge_targets`): targets are processed in chunks,
 each chunk merged module by module with one batched core SVD over its targets, then written,
 so memory stays bounded by the chunk size whatever the number of targets. The QR factors of
-each module are computed once per pool generation and reused by every chunk and call.
+each module (and, for `merge_order="truncate_then_sum"`, each source's top-q SVD) are computed
+once per pool generation and reused by every chunk and call. The merge order comes from the
+retrieval settings (`RetrievalSettings.merge_order`); with `truncate_then_sum` an adapter's
+rank is Σ_s min(q, r_s) over the sources it weights non-zero, not q (`ray_twist.merge`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ray_twist import storage
-from ray_twist.config import MergeTargetsConfig, RetrievalSettings
+from ray_twist.config import DEFAULT_MERGE_ORDER, MergeOrder, MergeTargetsConfig, RetrievalSettings
 from ray_twist.data import Task
 from ray_twist.features import Featurizer, TaskKey, task_key
 from ray_twist.merge import AdapterFactors, MergeMethod, MergeSources, write_adapter
@@ -87,13 +90,15 @@ def merge_weighted(
     out_dtype: torch.dtype = torch.float32,
     meta: Sequence[dict[str, Any]] | None = None,
     progress: bool = True,
+    merge_order: MergeOrder = DEFAULT_MERGE_ORDER,
 ) -> list[str]:
     """Merge and write one adapter per weights row to its URI, `chunk_size` targets at a time."""
     bar = tqdm(total=len(out_uris), desc="merge", unit="target", disable=not progress)
     for lo in range(0, len(out_uris), chunk_size):
-        merged = sources.merge(list(weights[lo : lo + chunk_size]), rank, method)
+        merged = sources.merge(list(weights[lo : lo + chunk_size]), rank, method, merge_order)
         for i, factors in enumerate(merged, start=lo):
-            record = {"weights": weights[i], "rank": rank, "method": method}
+            record = {"weights": weights[i], "rank": rank, "method": method,
+                      "merge_order": merge_order}  # fmt: skip
             record.update(meta[i] if meta else {})
             _write_one(out_uris[i], factors, sources.template, record, out_dtype)
         bar.update(len(merged))
@@ -120,7 +125,8 @@ def init_target(
     key = task_key(task, featurizer or Featurizer(pool.featurizer))
     [weights] = retrieval_weights(pool, [key], params)
     merge_weighted(pool_merge_sources(pool), [out_dir], [weights], rank, method,
-                   meta=[_retrieval_meta(pool, params, task.name)], progress=False)  # fmt: skip
+                   meta=[_retrieval_meta(pool, params, task.name)], progress=False,
+                   merge_order=params.merge_order)  # fmt: skip
     return weights
 
 
@@ -189,7 +195,8 @@ def merge_targets(
             for t in targets]  # fmt: skip
     uris = [storage.join(out_uri, t.name) for t in targets]
     sources = pool_merge_sources(pool, device=device)
-    return merge_weighted(sources, uris, rows, rank, method, chunk_size, out_dtype, meta)
+    return merge_weighted(sources, uris, rows, rank, method, chunk_size, out_dtype, meta,
+                          merge_order=params.merge_order)  # fmt: skip
 
 
 def run_merge_targets(cfg: MergeTargetsConfig) -> list[str]:

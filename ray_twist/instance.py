@@ -9,8 +9,10 @@ bulk is restyled exactly as the same row sent to the server:
    top-k): the input is the weight-level query, and the task-level query is a named
    style's key or, without one, the input itself;
 3. per row, the rank-q truncated SVD of Σ_s R_s ΔW_s ("instance", paper-faithful; one
-   batched core SVD per module for all rows, from the pool's cached QR factors), or the
-   untruncated Σ_s R_s ΔW_s over the stacked factors ("mixture");
+   batched core SVD per module for all rows, from the pool's cached QR factors) — or, with
+   `merge_order: truncate_then_sum`, Σ_s R_s trunc_q(ΔW_s) from each source's cached top-q
+   SVD (no SVD per row; rank Σ_s min(q, r_s), see `ray_twist.merge`) — or the untruncated
+   Σ_s R_s ΔW_s over the stacked factors ("mixture", which no merge order affects);
 4. those as `RowFactors` for `ray_twist.generation.generate_ids`, which hooks them into the
    plain base model (`ray_twist.rowlora`) and decodes all rows of a batch in one pass.
 """
@@ -64,6 +66,8 @@ class InstanceStyler:
         self.sources = pool_merge_sources(pool, device)
         for module in self.sources.modules:
             self.sources.stack(module)
+        if self.settings.merge_order == "truncate_then_sum":  # each source's top-q SVD, once
+            self.sources.prepare(self.settings.rank, self.settings.merge_order)
         self.device = device
         self._mixture = MixtureStack(self.sources, device) if "mixture" in modes else None
         self.style_keys = {name: pool.style_keys[i] for i, name in enumerate(pool.sources)}
@@ -89,10 +93,12 @@ class InstanceStyler:
         return instance_retrieval(self.pool, emb, p.lam, p.tau, p.top_k, style_query=query)
 
     def merged(self, weights: np.ndarray) -> list[ModuleFactors]:
-        """Per row {module → (A, B)}: the rank-q truncated SVD merge, one batched core SVD per
-        module for all rows (as adapters, to mix with named adapters in `per_row_factors`;
-        `row_factors` gives the same merges already stacked)."""
-        return self.sources.merge(torch.from_numpy(weights).float(), self.settings.rank, "svd")
+        """Per row {module → (A, B)}: the rank-q merge in the settings' merge order, one
+        batched core SVD per module for all rows with `sum_then_truncate` (as adapters, to mix
+        with named adapters in `per_row_factors`; `row_factors` gives the same merges already
+        stacked)."""
+        p = self.settings
+        return self.sources.merge(torch.from_numpy(weights).float(), p.rank, "svd", p.merge_order)
 
     def mixture_rows(self, weights: np.ndarray) -> dict[str, RowFactors]:
         """Per-row factors of the untruncated mixtures Σ_s w_s ΔW_s."""
@@ -106,7 +112,8 @@ class InstanceStyler:
             return self.mixture_rows(weights)
         if mode != "instance":
             raise ValueError(f"mode must be one of {ROW_MODES}; got {mode!r}")
-        return instance_factors(self.sources, torch.from_numpy(weights).float(), self.settings.rank)
+        p, w = self.settings, torch.from_numpy(weights).float()
+        return instance_factors(self.sources, w, p.rank, p.merge_order)
 
     def __call__(
         self, texts: list[str], style: str | None = None, mode: RowMode = "instance"

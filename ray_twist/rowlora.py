@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ray_twist.config import DEFAULT_MERGE_ORDER, MergeOrder
 from ray_twist.merge import MergeSources
 
 PEFT_PREFIX = "base_model.model."
@@ -209,10 +210,24 @@ def per_row_factors(
 
 
 def instance_factors(
-    sources: MergeSources, weights: Tensor | list[dict[str, float]], rank: int
+    sources: MergeSources,
+    weights: Tensor | list[dict[str, float]],
+    rank: int,
+    merge_order: MergeOrder = DEFAULT_MERGE_ORDER,
 ) -> dict[str, RowFactors]:
-    """Paper-faithful per-row adapters: each row's Σ_s w_s ΔW_s, truncated to rank q by SVD."""
+    """Paper-faithful per-row adapters: each row's Σ_s w_s ΔW_s, truncated to rank q by SVD.
+
+    `truncate_then_sum`: each row's Σ_s w_s trunc_q(ΔW_s), exactly, as the sources' cached
+    truncated factors shared by all rows with per-row column weights (the mixture form over
+    rank Σ_s min(q, r_s); no per-row factors, no SVD).
+    """
     w = sources.weights_tensor(weights)
+    if merge_order == "truncate_then_sum":
+        out = {}
+        for module in sources.modules:
+            stack = sources.truncated(module, rank)
+            out[module] = RowFactors(stack.a, stack.b, stack.column_weights(w.to(stack.a)))
+        return out
     return {m: RowFactors(a, b) for m, a, b in sources.merge_modules(w, rank, method="svd")}
 
 

@@ -33,6 +33,20 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def absolute(uri: str | Path) -> str:
+    """A local path made absolute (Ray tasks, actors and train workers run in other working
+    directories than the driver); URIs (s3://, gs://, file://…) unchanged."""
+    text = str(uri)
+    if "://" in text:
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def absolute_or_none(uri: str | None) -> str | None:
+    """`absolute`, passing None through (optional paths of configs)."""
+    return None if uri is None else absolute(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI without touching its scheme or query."""
     base, _, query = str(uri).partition("?")

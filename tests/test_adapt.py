@@ -227,9 +227,9 @@ def test_study_plan_dedupes_shared_runs() -> None:
     main = [s for s in specs if s.sweep == "main"]
     assert len(main) == 5 * 4 * 3
     distinct = {s.key for s in specs}
-    # per seed: λ∈{1,0}, τ∈{0.02,0.5}, q∈{1,2,4,16,32} and top-k∈{1,2,4} are new; the rest is
-    # the main grid
-    assert len(distinct) == 60 + 3 * (2 + 2 + 5 + 3)
+    # per seed: λ∈{1,0}, τ∈{0.02,0.5}, q∈{1,2,4,16,32}, top-k∈{1,2,4} and the merge order
+    # truncate_then_sum are new; the rest is the main grid
+    assert len(distinct) == 60 + 3 * (2 + 2 + 5 + 3 + 1)
     assert len({s.name for s in specs}) == len(distinct)
 
 

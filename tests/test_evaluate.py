@@ -165,7 +165,12 @@ def test_evaluate_adapter_end_to_end(random_adapter: str, tmp_path: Path) -> Non
         [["arr, me matey be here."], ["arr, ahoy, your boat be small."]],
     )
     report = evaluate_adapter(
-        random_adapter, test, style="pirate", perplexity=True, out=str(tmp_path / "eval")
+        random_adapter,
+        test,
+        style="pirate",
+        perplexity=True,
+        out=str(tmp_path / "eval"),
+        judge_on_test=True,  # no style data: fit the judge on this test set, knowingly
     )
     assert report.n == 2 and report.bleu_against == "references"
     assert report.acc is not None and report.acc_rule is not None  # classifier + rule checker

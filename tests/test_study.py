@@ -45,6 +45,7 @@ STUDY = {
         "taus": [0.5],
         "ranks": [2],
         "top_ks": [None],
+        "merge_orders": ["sum_then_truncate"],  # truncate_then_sum: tests/test_merge_order.py
     },
     "evaluation": {
         "max_new_tokens": 6,

@@ -1,5 +1,7 @@
-"""Task corpora: the Task type, readers, denoising pairs, and the synthetic style world."""
+"""Task corpora: the Task type, readers, denoising pairs, the synthetic style world, and
+verse-aligned multi-version corpora (`prepare_aligned`)."""
 
+from ray_twist.data.aligned import AlignedCorpusSettings, prepare_aligned
 from ray_twist.data.denoise import corrupt, denoising_task
 from ray_twist.data.readers import (
     DataError,
@@ -25,6 +27,7 @@ from ray_twist.data.task import Task
 
 __all__ = [
     "STYLES",
+    "AlignedCorpusSettings",
     "DataError",
     "Style",
     "Task",
@@ -36,6 +39,7 @@ __all__ = [
     "make_task",
     "make_world",
     "neutral_sentences",
+    "prepare_aligned",
     "read_corpus",
     "read_paired_text",
     "read_records",

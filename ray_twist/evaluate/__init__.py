@@ -1,15 +1,24 @@
 """Evaluation: style classifier, BLEU, G-score, per-example reports, and the study's plots."""
 
 from ray_twist.evaluate.classifier import StyleClassifier
-from ray_twist.evaluate.metrics import EvalReport, ExampleScore, bleu_scores, g_score, score
+from ray_twist.evaluate.metrics import (
+    EvalReport,
+    ExampleScore,
+    bleu_scores,
+    detokenize,
+    g_score,
+    score,
+)
 from ray_twist.evaluate.run import (
     AdapterMismatchError,
+    JudgeOnTestError,
     TestSet,
     evaluate_adapter,
     evaluate_outputs,
     load_adapted,
     read_style_data,
     read_test_set,
+    tokenizer_lowercases,
     write_report,
 )
 
@@ -17,9 +26,11 @@ __all__ = [
     "AdapterMismatchError",
     "EvalReport",
     "ExampleScore",
+    "JudgeOnTestError",
     "StyleClassifier",
     "TestSet",
     "bleu_scores",
+    "detokenize",
     "evaluate_adapter",
     "evaluate_outputs",
     "g_score",
@@ -27,5 +38,6 @@ __all__ = [
     "read_style_data",
     "read_test_set",
     "score",
+    "tokenizer_lowercases",
     "write_report",
 ]

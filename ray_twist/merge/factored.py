@@ -10,6 +10,19 @@ CPU even when the factors live on a GPU), then B_t = Q_B U_q Σ_q^½ and
 A_t = Σ_q^-½ U_qᵀ C Q_Aᵀ = Σ_q^½ V_qᵀ Q_Aᵀ. The cores are summed in float64 (weights may
 cancel), the Gram matrix and its `eigh` run at the stack's precision: in float32 (the
 default) twice as fast as float64 on the CPU, ≈5e-6 relative error on the merged delta.
+
+Merge order (`MergeOrder`). The above is `sum_then_truncate`: ΔW_t = Σ_s w_s ΔW_s, then its
+top-q SVD — rank q, and what PEFT's `add_weighted_adapter(combination_type="svd")` does.
+`truncate_then_sum` reads the paper's "truncate each source to its top-q, then weighted sum"
+literally: ΔW_t = Σ_s w_s trunc_q(ΔW_s). That sum has rank up to Σ_s min(q, r_s) ≤ N·q, and it
+is kept *exactly*, not truncated again to q (a second truncation to q would make the two
+orders coincide whenever q ≥ r_s, where trunc_q(ΔW_s) = ΔW_s). Each source's top-q SVD
+U_s S_s V_sᵀ is computed once per pool (`TruncatedStack`, from the QR of B_s and A_sᵀ and an
+r_s×r_s core SVD), its singular values split symmetrically, B'_s = U_s S_s^½ and
+A'_s = S_s^½ V_sᵀ; a target is then a weighted concatenation with no SVD at request time,
+B_t = [√|w_1|·sign(w_1) B'_1 … ], A_t = [√|w_1| A'_1; …] (the weight split like the
+singular values, so B_t and A_t keep balanced magnitudes). The adapter rank is Σ_s min(q, r_s)
+(`MergeSources.merge` drops the columns of sources a target weights 0, e.g. outside top-k).
 """
 
 from __future__ import annotations
@@ -19,6 +32,20 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from ray_twist.config import DEFAULT_MERGE_ORDER, MERGE_ORDERS, MergeOrder
+
+__all__ = [
+    "MERGE_METHODS",
+    "MERGE_ORDERS",
+    "FactorStack",
+    "MergeMethod",
+    "MergeOrder",
+    "TruncatedStack",
+    "dense_svd_merge",
+    "merge_lora_factors",
+    "truncate_factors",
+]
 
 MergeMethod = Literal["svd", "linear", "dense-svd"]
 MERGE_METHODS: tuple[MergeMethod, ...] = ("svd", "linear", "dense-svd")
@@ -78,13 +105,7 @@ class FactorStack:
 
     def column_weights(self, weights: Tensor) -> Tensor:
         """(T, N) source weights → (T, Nr) per stacked column."""
-        if weights.ndim != 2 or weights.shape[1] != self.n_sources:
-            raise ValueError(
-                f"weights must be (T, {self.n_sources}) for {self.n_sources} sources; "
-                f"got {tuple(weights.shape)}"
-            )
-        repeats = torch.tensor(self.ranks, device=weights.device)
-        return torch.repeat_interleave(weights, repeats, dim=1)
+        return _column_weights(weights, self.ranks)
 
     def cores(self, weights: Tensor) -> Tensor:
         """(T, k_b, k_a) cores R_B D(w) R_Aᵀ, in float64."""
@@ -134,20 +155,116 @@ def _pad_rank(a_t: Tensor, b_t: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return torch.cat([a_t, a_pad], dim=1), torch.cat([b_t, b_pad], dim=2)
 
 
+def _column_weights(weights: Tensor, ranks: tuple[int, ...]) -> Tensor:
+    """(T, N) source weights → (T, Σ ranks): each source's weight repeated over its columns."""
+    if weights.ndim != 2 or weights.shape[1] != len(ranks):
+        raise ValueError(
+            f"weights must be (T, {len(ranks)}) for {len(ranks)} sources; "
+            f"got {tuple(weights.shape)}"
+        )
+    repeats = torch.tensor(ranks, device=weights.device)
+    return torch.repeat_interleave(weights, repeats, dim=1)
+
+
+def truncate_factors(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """One source's top-`rank` SVD of B·A as balanced factors (A' = S^½ Vᵀ, B' = U S^½), in
+    float64, without the dense d_out×d_in product: QR of B and Aᵀ, SVD of the r×r core.
+    Exactly min(rank, r) columns (zero-padded where B·A has fewer directions)."""
+    keep = min(rank, int(a.shape[0]))
+    a, b = a.double(), b.double()
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    n = min(keep, int(s.shape[0]))
+    root = s[:n].sqrt()
+    b_t = q_b @ (u[:, :n] * root)
+    a_t = (root.unsqueeze(1) * vh[:n]) @ q_a.T
+    if n < keep:
+        a_t = torch.cat([a_t, a_t.new_zeros(keep - n, a_t.shape[1])])
+        b_t = torch.cat([b_t, b_t.new_zeros(b_t.shape[0], keep - n)], dim=1)
+    return a_t, b_t
+
+
+@dataclass(frozen=True)
+class TruncatedStack:
+    """One module's sources, each truncated to its own top-q SVD once, then concatenated:
+    the precomputation behind `truncate_then_sum` (a target is a weighted concatenation)."""
+
+    a: Tensor  # (K, d_in): [A'_1; …; A'_N], A'_s = S_s^½ V_sᵀ
+    b: Tensor  # (d_out, K): [B'_1 … B'_N], B'_s = U_s S_s^½
+    ranks: tuple[int, ...]  # min(q, r_s) per source, in stacking order; K = Σ ranks
+    rank: int  # the q each source was truncated to
+
+    @classmethod
+    def from_factors(
+        cls,
+        a_list: list[Tensor],
+        b_list: list[Tensor],
+        rank: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> TruncatedStack:
+        """Truncate N sources' (A_s, B_s) — B_s with LoRA scaling applied — to rank q each."""
+        _check_factors(a_list, b_list)
+        if rank < 1:
+            raise ValueError(f"rank must be ≥ 1; got {rank}")
+        pairs = [truncate_factors(a, b, rank) for a, b in zip(a_list, b_list, strict=True)]
+        a = torch.cat([x for x, _ in pairs]).to(device=device, dtype=dtype)
+        b = torch.cat([y for _, y in pairs], dim=1).to(device=device, dtype=dtype)
+        return cls(a, b, tuple(int(x.shape[0]) for x, _ in pairs), rank)
+
+    @property
+    def n_sources(self) -> int:
+        return len(self.ranks)
+
+    def column_weights(self, weights: Tensor) -> Tensor:
+        """(T, N) source weights → (T, K) per stacked column."""
+        return _column_weights(weights, self.ranks)
+
+    def merge(self, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Σ_s w_s trunc_q(ΔW_s) exactly, as (A_t (T,K,d_in), B_t (T,d_out,K)); no SVD."""
+        d = self.column_weights(weights.to(self.a.device, self.a.dtype))
+        root = d.abs().sqrt()
+        b_t = self.b.unsqueeze(0) * (torch.sign(d) * root).unsqueeze(1)
+        a_t = root.unsqueeze(-1) * self.a.unsqueeze(0)
+        return a_t, b_t
+
+
 def dense_svd_merge(
-    a_list: list[Tensor], b_list: list[Tensor], weights: Tensor, rank: int
+    a_list: list[Tensor],
+    b_list: list[Tensor],
+    weights: Tensor,
+    rank: int,
+    merge_order: MergeOrder = DEFAULT_MERGE_ORDER,
 ) -> tuple[Tensor, Tensor]:
-    """Reference: form each dense delta and take its full SVD. O(d³) per target."""
+    """Reference: form each dense delta and take its full SVD. O(d³) per target.
+
+    `sum_then_truncate`: the top-q SVD of Σ_s w_s B_s A_s (rank q). `truncate_then_sum`:
+    Σ_s w_s trunc_q(B_s A_s), each trunc_q a dense SVD, returned as its SVD at rank
+    K = Σ_s min(q, r_s) (exact: the sum has no more directions).
+    """
     _check_factors(a_list, b_list)
+    if merge_order not in MERGE_ORDERS:
+        raise ValueError(f"merge_order must be one of {MERGE_ORDERS}; got {merge_order!r}")
     dtype = a_list[0].dtype
+    deltas = [b @ a for a, b in zip(a_list, b_list, strict=True)]
+    keep = rank
+    if merge_order == "truncate_then_sum":
+        keep = sum(min(rank, int(a.shape[0])) for a in a_list)
+        truncated = []
+        for source, a in zip(deltas, a_list, strict=True):
+            u, s, vh = torch.linalg.svd(source, full_matrices=False)
+            k = min(rank, int(a.shape[0]))
+            truncated.append((u[:, :k] * s[:k]) @ vh[:k])
+        deltas = truncated
     a_out, b_out = [], []
     for w in weights:
-        delta = sum(float(ws) * (b @ a) for ws, a, b in zip(w, a_list, b_list, strict=True))
+        delta = sum(float(ws) * d for ws, d in zip(w, deltas, strict=True))
         u, s, vh = torch.linalg.svd(torch.as_tensor(delta), full_matrices=False)
-        root = s[:rank].sqrt()
-        b_out.append(u[:, :rank] * root)
-        a_out.append(root.unsqueeze(1) * vh[:rank])
-    return _pad_rank(torch.stack(a_out).to(dtype), torch.stack(b_out).to(dtype), rank)
+        root = s[:keep].sqrt()
+        b_out.append(u[:, :keep] * root)
+        a_out.append(root.unsqueeze(1) * vh[:keep])
+    return _pad_rank(torch.stack(a_out).to(dtype), torch.stack(b_out).to(dtype), keep)
 
 
 def merge_lora_factors(
@@ -159,6 +276,8 @@ def merge_lora_factors(
     stack: FactorStack | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    merge_order: MergeOrder = DEFAULT_MERGE_ORDER,
+    truncated: TruncatedStack | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Merge N sources' LoRA factors for T targets.
 
@@ -167,14 +286,33 @@ def merge_lora_factors(
     rank-q truncated SVD of Σ_s w_ts B_s A_s. `method="linear"` returns the exact untruncated
     sum as rank-Σr_s factors; `"dense-svd"` is the slow dense reference. Pass a cached
     `stack` to skip the QR (it must come from the same factors).
+
+    `merge_order="truncate_then_sum"` returns Σ_s w_ts trunc_q(B_s A_s) exactly, at rank
+    K = Σ_s min(q, r_s) (columns of 0-weight sources are zero); pass a cached `truncated`
+    stack (same factors, same q) to skip the per-source SVDs. It does not combine with
+    `"linear"`, which never truncates.
     """
     if method not in MERGE_METHODS:
         raise ValueError(f"method must be one of {MERGE_METHODS}; got {method!r}")
+    if merge_order not in MERGE_ORDERS:
+        raise ValueError(f"merge_order must be one of {MERGE_ORDERS}; got {merge_order!r}")
     if rank < 1:
         raise ValueError(f"rank must be ≥ 1; got {rank}")
     weights = torch.as_tensor(weights)
     if weights.ndim == 1:
         weights = weights.unsqueeze(0)
+    if merge_order == "truncate_then_sum":
+        if method == "linear":
+            raise ValueError(
+                "method 'linear' is the untruncated sum; merge_order 'truncate_then_sum' "
+                "applies to the truncating methods ('svd', 'dense-svd')"
+            )
+        if method == "dense-svd":
+            return dense_svd_merge(a_list, b_list, weights.to(a_list[0].dtype), rank, merge_order)
+        if truncated is not None and truncated.rank != rank:
+            raise ValueError(f"truncated stack is at rank {truncated.rank}, not {rank}")
+        truncated = truncated or TruncatedStack.from_factors(a_list, b_list, rank, dtype, device)
+        return truncated.merge(weights)
     if method == "dense-svd":
         return dense_svd_merge(a_list, b_list, weights.to(a_list[0].dtype), rank)
     stack = stack or FactorStack.from_factors(a_list, b_list, dtype=dtype, device=device)

@@ -1,7 +1,8 @@
 """A named set of source adapters, merged per module for many targets at once.
 
-The QR factors of each module's stack are computed on first use and kept: every target
-merged from the same sources (a pool generation) reuses them.
+The QR factors of each module's stack (`sum_then_truncate`) and each source's own top-q SVD
+(`truncate_then_sum`, per q) are computed on first use and kept: every target merged from the
+same sources (a pool generation) reuses them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ray_twist.merge.factored import FactorStack, MergeMethod, merge_lora_factors
+from ray_twist.config import DEFAULT_MERGE_ORDER, MergeOrder
+from ray_twist.merge.factored import FactorStack, MergeMethod, TruncatedStack, merge_lora_factors
 from ray_twist.merge.peft_io import AdapterFactors
 
 ModuleFactors = dict[str, tuple[Tensor, Tensor]]
@@ -43,6 +45,7 @@ class MergeSources:
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
         self._stacks: dict[str, FactorStack] = {}
+        self._truncated: dict[tuple[str, int], TruncatedStack] = {}
 
     @property
     def template(self) -> dict:
@@ -61,6 +64,23 @@ class MergeSources:
             )
         return self._stacks[module]
 
+    def truncated(self, module: str, rank: int) -> TruncatedStack:
+        """The module's sources each truncated to top-`rank` SVD, concatenated (cached)."""
+        if (module, rank) not in self._truncated:
+            a_list, b_list = self.factors(module)
+            self._truncated[(module, rank)] = TruncatedStack.from_factors(
+                a_list, b_list, rank, dtype=self.dtype, device=self.device
+            )
+        return self._truncated[(module, rank)]
+
+    def prepare(self, rank: int, merge_order: MergeOrder = DEFAULT_MERGE_ORDER) -> None:
+        """Compute what merges at `rank` in `merge_order` need up front (QR or truncations)."""
+        for module in self.modules:
+            if merge_order == "truncate_then_sum":
+                self.truncated(module, rank)
+            else:
+                self.stack(module)
+
     def weights_tensor(self, weights: list[dict[str, float]] | Tensor) -> Tensor:
         """(T, N) weights from a tensor or from {source name → weight} dicts (missing = 0)."""
         if isinstance(weights, Tensor):
@@ -71,25 +91,73 @@ class MergeSources:
         return torch.tensor([[float(w.get(n, 0.0)) for n in self.names] for w in weights])
 
     def merge_modules(
-        self, weights: Tensor, rank: int, method: MergeMethod = "svd"
+        self,
+        weights: Tensor,
+        rank: int,
+        method: MergeMethod = "svd",
+        merge_order: MergeOrder = DEFAULT_MERGE_ORDER,
     ) -> Iterator[tuple[str, Tensor, Tensor]]:
-        """Yield (module, A_t (T,q,d_in), B_t (T,d_out,q)) one module at a time."""
+        """Yield (module, A_t (T,q,d_in), B_t (T,d_out,q)) one module at a time; with
+        `truncate_then_sum` the rank is Σ_s min(q, r_s) for every target (see `merge`)."""
         for module in self.modules:
             if method == "dense-svd":
                 a_list, b_list = self.factors(module)
-                a_t, b_t = merge_lora_factors(a_list, b_list, weights, rank, method=method)
+                a_t, b_t = merge_lora_factors(
+                    a_list, b_list, weights, rank, method=method, merge_order=merge_order
+                )
+            elif merge_order == "truncate_then_sum":
+                a_t, b_t = merge_lora_factors(
+                    [], [], weights, rank, method=method, merge_order=merge_order,
+                    truncated=self.truncated(module, rank),
+                )  # fmt: skip
             else:
                 stack = self.stack(module)
                 a_t, b_t = merge_lora_factors([], [], weights, rank, method=method, stack=stack)
             yield module, a_t, b_t
 
     def merge(
-        self, weights: list[dict[str, float]] | Tensor, rank: int, method: MergeMethod = "svd"
+        self,
+        weights: list[dict[str, float]] | Tensor,
+        rank: int,
+        method: MergeMethod = "svd",
+        merge_order: MergeOrder = DEFAULT_MERGE_ORDER,
     ) -> list[ModuleFactors]:
-        """One {module → (A, B)} per target row of `weights`."""
+        """One {module → (A, B)} per target row of `weights`.
+
+        `sum_then_truncate`: rank q. `truncate_then_sum`: Σ_s R_s trunc_q(ΔW_s) exactly, at
+        rank Σ_s min(q, r_s) over the sources this target weights non-zero (the columns of
+        the others are zero and left out); modules share that rank (zero-padded to the
+        largest if their source ranks differ), at least 1.
+        """
         w = self.weights_tensor(weights)
         targets: list[ModuleFactors] = [{} for _ in range(w.shape[0])]
-        for module, a_t, b_t in self.merge_modules(w, rank, method):
+        for module, a_t, b_t in self.merge_modules(w, rank, method, merge_order):
+            if merge_order == "truncate_then_sum":
+                ranks = tuple(min(rank, int(a.shape[0])) for a in self.factors(module)[0])
+                alive = torch.repeat_interleave(
+                    w.to(a_t.device) != 0, torch.tensor(ranks, device=a_t.device), dim=1
+                )
             for t, out in enumerate(targets):
-                out[module] = (a_t[t], b_t[t])
+                if merge_order != "truncate_then_sum":
+                    out[module] = (a_t[t], b_t[t])
+                elif method == "dense-svd":  # SVD order: the rank is the count, leading first
+                    k = int(alive[t].sum())
+                    out[module] = (a_t[t, :k], b_t[t, :, :k])
+                else:  # stacking order: the live sources' columns
+                    out[module] = (a_t[t, alive[t]], b_t[t][:, alive[t]])
+        if merge_order == "truncate_then_sum":
+            targets = [_common_rank(out) for out in targets]
         return targets
+
+
+def _common_rank(modules: ModuleFactors) -> ModuleFactors:
+    """Zero-pad every module to the largest rank among them (and to at least 1)."""
+    rank = max(1, *(a.shape[0] for a, _ in modules.values()))
+    out: ModuleFactors = {}
+    for module, (a, b) in modules.items():
+        missing = rank - a.shape[0]
+        if missing:
+            a = torch.cat([a, a.new_zeros(missing, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1)
+        out[module] = (a, b)
+    return out

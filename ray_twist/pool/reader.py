@@ -53,8 +53,11 @@ class Pool:
 
     @classmethod
     def open(cls, uri: str | Path) -> Pool:
-        """Read the committed generation at `uri`, verifying the files the manifest names."""
-        uri = str(uri)
+        """Read the committed generation at `uri`, verifying the files the manifest names.
+
+        A local path is kept absolute (`Pool.uri`), so it still names the pool in Ray tasks
+        and workers, which run in other directories."""
+        uri = storage.absolute(uri)
         manifest_uri = storage.join(uri, MANIFEST)
         try:
             raw = storage.read_bytes(manifest_uri)

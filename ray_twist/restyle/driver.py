@@ -148,6 +148,7 @@ def restyle_corpus(
     lam: float | None = None,
     tau: float | None = None,
     top_k: int | None = None,
+    merge_order: str | None = None,
     num_beams: int = 1,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -165,8 +166,8 @@ def restyle_corpus(
 
     Styles: `adapter` (mode "adapted", the default without a pool; `adapter=None` restyles
     with the bare base model), or `pool` (mode "instance", the default with a pool, or
-    "mixture"): per-row retrieval with `lam`, `tau`, `top_k` and a rank-`rank` merge, the
-    defaults of `InstanceRetrievalSettings` where not given; `style` then names a pool
+    "mixture"): per-row retrieval with `lam`, `tau`, `top_k` and a rank-`rank` merge in
+    `merge_order` (instance mode), the defaults of `InstanceRetrievalSettings` where not given; `style` then names a pool
     source whose style key is every row's task-level query (None: each sentence is its own).
     `base_model` defaults to the adapter's or the pool's.
 
@@ -178,7 +179,12 @@ def restyle_corpus(
     """
     import ray.data
 
-    given = {"rank": rank, "lambda": lam, "tau": tau, "top_k": top_k}
+    from ray_twist.backbone import absolute_model_path
+
+    # the actors run in other working directories: local paths leave here absolute
+    input_uri, output_uri = storage.absolute(input_uri), storage.absolute(output_uri)
+    adapter, pool = storage.absolute_or_none(adapter), storage.absolute_or_none(pool)
+    given = {"rank": rank, "lambda": lam, "tau": tau, "top_k": top_k, "merge_order": merge_order}
     given = {k: v for k, v in given.items() if v is not None}
     chosen = _style_source(mode, adapter, pool, row_styler, given)
     if rows_per_part < 1 or batch_size < 1:
@@ -192,7 +198,7 @@ def restyle_corpus(
         generation, base_model = opened.generation, base_model or opened.base_model
         if style is not None and style not in opened.sources:
             raise ValueError(f"style {style!r} is not a source of {pool}; known: {opened.sources}")
-    base_model = base_model or _default_base_model(adapter)
+    base_model = absolute_model_path(base_model or _default_base_model(adapter))
     start = time.perf_counter()
     gpus = _worker_gpus(concurrency, num_cpus, num_gpus)
     settings = GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_p)
@@ -248,7 +254,8 @@ def run_restyle_corpus(cfg: RestyleCorpusConfig) -> dict[str, Any]:
     r = cfg.retrieval
     retrieval: dict[str, Any] = {}
     if r is not None:
-        retrieval = {"rank": r.rank, "lam": r.lam, "tau": r.tau, "top_k": r.top_k}
+        retrieval = {"rank": r.rank, "lam": r.lam, "tau": r.tau, "top_k": r.top_k,
+                     "merge_order": r.merge_order}  # fmt: skip
     return restyle_corpus(
         cfg.input, cfg.output, cfg.base_model, cfg.adapter, cfg.mode, cfg.style,
         cfg.batch_size, (cfg.min_workers, cfg.max_workers), cfg.max_new_tokens,

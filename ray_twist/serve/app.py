@@ -39,6 +39,7 @@ from ray_twist.serve.api import (
 )
 from ray_twist.serve.config import ServeConfig
 from ray_twist.serve.engine import Catalog, Engine, Work
+from ray_twist.storage import absolute, absolute_or_none
 
 _UNAVAILABLE = (
     ActorDiedError,
@@ -288,10 +289,40 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_app(config)
 
 
+def prepare(config: ServeConfig) -> ServeConfig:
+    """The config as the driver sends it to the replicas: local paths made absolute (replicas
+    run in other working directories), and the base model checked before anything starts:
+    a bare encoder (untrained cross-attention) is refused unless `allow_untrained_base`."""
+    from ray_twist.backbone import absolute_model_path, check_trained_base
+
+    styles = {
+        name: style.model_copy(
+            update={
+                "adapter": absolute(style.adapter),
+                "examples": absolute_or_none(style.examples),
+            }
+        )
+        for name, style in config.styles.items()
+    }
+    pool = absolute_or_none(config.pool)
+    update: dict[str, Any] = {"pool": pool, "styles": styles}
+    if config.base_model is not None:
+        update["base_model"] = absolute_model_path(config.base_model)
+    if config.featurizer is not None:
+        update["featurizer"] = absolute_model_path(config.featurizer)
+    config = config.model_copy(update=update)
+    if not config.allow_untrained_base:
+        base = config.base_model or (Pool.open(pool).base_model if pool else None)
+        if base:
+            check_trained_base(base)
+    return config
+
+
 def run(config: ServeConfig | str) -> str:
     """Start Ray (or join RAY_ADDRESS) and Serve, deploy, return the endpoint URL."""
     if not isinstance(config, ServeConfig):
         config = load_yaml(config, ServeConfig)
+    config = prepare(config)
     if not ray.is_initialized():
         ray.init()  # joins the cluster at RAY_ADDRESS when set
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
@@ -299,13 +330,15 @@ def run(config: ServeConfig | str) -> str:
     return f"http://{config.http.host}:{config.http.port}{config.route_prefix.rstrip('/')}"
 
 
-def serve_main(config_path: str) -> int:
+def serve_main(config_path: str, allow_untrained_base: bool = False) -> int:
     """`twist serve --config FILE`: deploy, print the URL, block until Ctrl-C, undeploy."""
     try:
         config = load_yaml(config_path, ServeConfig)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if allow_untrained_base:
+        config = config.model_copy(update={"allow_untrained_base": True})
     url = run(config)
     print(f"serving on {url}  (API docs: {url}/docs); Ctrl-C stops")
     try:

@@ -144,6 +144,11 @@ class ServeConfig(Settings):
     ingress: IngressSettings = IngressSettings()
     generator: GeneratorSettings = GeneratorSettings()
     http: HttpSettings = HttpSettings()
+    allow_untrained_base: bool = Field(
+        default=False,
+        description="use a base model with newly initialised (untrained) weights anyway, e.g. "
+        "a bare encoder warm-started into BERT2BERT; default: refuse it (see twist base build)",
+    )
 
     @field_validator("styles", mode="before")
     @classmethod

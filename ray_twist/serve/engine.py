@@ -154,7 +154,9 @@ class Engine:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pool = Pool.open(config.pool) if config.pool else None
         base = config.base_model or (self.pool.base_model if self.pool else "")
-        self.backbone = load_backbone(base, getattr(torch, config.dtype), self.device)
+        self.backbone = load_backbone(
+            base, getattr(torch, config.dtype), self.device, config.allow_untrained_base
+        )
         # requests are tokenized on the event loop while a batch decodes in a worker thread;
         # a fast tokenizer must not be used from two threads at once, so each gets its own
         tokenizer = copy.deepcopy(self.backbone.tokenizer)

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from ray_twist import storage
-from ray_twist.data.synthetic import make_task
 from ray_twist.evaluate.classifier import shared_featurizer
 from ray_twist.study.runs import Context
 
@@ -64,9 +63,9 @@ def _style_map(ctx: Context, sources: list[str], rows: list[dict[str, Any]], pat
     n = ctx.config.evaluation.umap_texts_per_group
     pairs: list[tuple[str, str]] = []  # (input, text)
     groups: list[str] = []
-    for style in sources:
-        pairs += make_task(style, n, seed=ctx.config.world.seed + 7).pairs
-        groups += [f"source: {style}"] * n
+    for style, examples in ctx.source_examples.items():
+        pairs += examples[:n]
+        groups += [f"source: {style}"] * len(examples[:n])
     assert ctx.test.targets is not None
     pairs += list(zip(ctx.test.sources, ctx.test.targets, strict=True))[:n]
     groups += [f"reference: {ctx.style}"] * (len(pairs) - len(groups))
@@ -92,8 +91,44 @@ def _style_map(ctx: Context, sources: list[str], rows: list[dict[str, Any]], pat
     return plot_style_map(shift, groups, path, title)
 
 
+def _baseline_table(baselines: Sequence[dict[str, Any]], swept: list[dict[str, Any]]) -> str:
+    """The identity output and the full-data LoRA, in the main table's columns."""
+    lines = ["| baseline | seeds | g | acc | bleu |", "|---|---|---|---|---|"]
+    rows = [*baselines, *swept]
+    for row in rows:
+        cells = [f"{row[m]:.1f}" if row.get(m) is not None else "-" for m in ("g", "acc", "bleu")]
+        name = row["init"] if row["sweep"] == "baseline" else f"full-data LoRA ({row['run']})"
+        lines.append(f"| {name} | 1 | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _samples(ctx: Context, table: Sequence[dict[str, Any]], n: int = 5) -> str:
+    """n test inputs with their reference and each init's output (seed 0, lowest fraction)."""
+    fraction = min(r["fraction"] for r in table if r["sweep"] == "main")
+    runs = {
+        r["init"]: r["run"]
+        for r in table
+        if r["sweep"] == "main" and r["fraction"] == fraction and r["seed"] == min(ctx.config.seeds)
+    }
+    outputs = {
+        init: json.loads(storage.read_bytes(storage.join(ctx.out, "runs", f"{run}.json")))[
+            "examples"
+        ]
+        for init, run in runs.items()
+    }
+    lines = [f"## Samples ({100 * fraction:g} % of the target data, seed {min(ctx.config.seeds)})"]
+    refs = ctx.test.targets or [""] * len(ctx.test.sources)
+    for i, (source, reference) in enumerate(list(zip(ctx.test.sources, refs, strict=True))[:n]):
+        lines += ["", f"**{i + 1}.** input: {source}", f"- reference: {reference}"]
+        lines += [f"- {init}: {examples[i]['output']}" for init, examples in outputs.items()]
+    return "\n".join(lines)
+
+
 def report(
-    ctx: Context, sources: list[str], table: list[dict[str, Any]]
+    ctx: Context,
+    sources: list[str],
+    table: list[dict[str, Any]],
+    baselines: Sequence[dict[str, Any]] = (),
 ) -> tuple[str, list[str], dict[str, Any]]:
     """summary.md text, the figures, and the per-sweep statistics."""
     from ray_twist.evaluate.plots import plot_vs_fraction, plot_vs_rank
@@ -105,6 +140,8 @@ def report(
         "tau": ["tau"],
         "rank": ["rank"],
         "top_k": ["top_k"],
+        "merge_order": ["merge_order"],
+        "full-data": ["init"],
     }
     swept = {name: [r for r in table if r["sweep"] == name] for name in by}
     stats = {name: summarise(rows, by[name]) for name, rows in swept.items() if rows}
@@ -114,7 +151,11 @@ def report(
         f"({clf.n_heldout} texts, {len(clf.classes)} labels)",
     ]
     for name, entries in stats.items():
-        lines += ["", f"## {name}", _table(entries, by[name])]
+        if name != "full-data":
+            lines += ["", f"## {name}", _table(entries, by[name])]
+    if baselines or swept["full-data"]:
+        lines += ["", "## baselines", _baseline_table(baselines, swept["full-data"])]
+    lines += ["", _samples(ctx, table)]
     figures = [
         plot_vs_fraction(
             swept["main"],

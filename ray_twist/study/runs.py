@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_twist import storage
-from ray_twist.config import AdaptConfig, InitMethod, RetrievalSettings, StudyConfig
+from ray_twist.config import (
+    DEFAULT_MERGE_ORDER,
+    AdaptConfig,
+    InitMethod,
+    MergeOrder,
+    RetrievalSettings,
+    StudyConfig,
+)
 from ray_twist.data.task import Task
 from ray_twist.evaluate.classifier import StyleClassifier, shared_featurizer
 from ray_twist.evaluate.run import TestSet, evaluate_adapter
@@ -22,7 +29,7 @@ __all__ = ["Context", "RunSpec", "execute", "plan_runs", "run_one"]
 class RunSpec:
     """One adaptation of the study: which sweep it serves and its settings."""
 
-    sweep: str  # "main", "lambda", "tau", "rank" or "top_k"
+    sweep: str  # "main", "lambda", "tau", "rank", "top_k" or "merge_order"
     init: InitMethod
     fraction: float
     seed: int
@@ -30,41 +37,62 @@ class RunSpec:
     lam: float
     tau: float
     top_k: int | None
+    merge_order: MergeOrder = DEFAULT_MERGE_ORDER
+    steps: int | None = None  # None: the study's step budget (the full-data baseline has its own)
 
     @property
     def key(self) -> tuple[Any, ...]:
         """What the run computes (a run shared by two sweeps is run once)."""
-        return (self.init, self.fraction, self.seed, self.rank, self.lam, self.tau, self.top_k)
+        return (self.init, self.fraction, self.seed, self.rank, self.lam, self.tau, self.top_k,
+                self.merge_order, self.steps)  # fmt: skip
 
     @property
     def name(self) -> str:
+        """Named by its settings; the merge order only when not the default, so the names
+        (and finished runs) of studies from before the setting stay the same."""
         k = "all" if self.top_k is None else self.top_k
         name = (
             f"{self.init}-f{self.fraction:g}-s{self.seed}-q{self.rank}-l{self.lam:g}"
             f"-t{self.tau:g}-k{k}"
         )
+        if self.merge_order != DEFAULT_MERGE_ORDER:
+            name += f"-{self.merge_order}"
+        if self.steps is not None:
+            name += f"-n{self.steps}"
         return name.replace(".", "p")
 
 
 def plan_runs(config: StudyConfig) -> list[RunSpec]:
     """Main grid (fractions × inits × seeds) then TWIST ablations, without duplicates."""
-    base = config.retrieval
+    base, order = config.retrieval, config.retrieval.merge_order
     specs = [
-        RunSpec("main", init, fraction, seed, config.rank, base.lam, base.tau, base.top_k)
+        RunSpec("main", init, fraction, seed, config.rank, base.lam, base.tau, base.top_k, order)
         for fraction in config.fractions
         for init in config.inits
         for seed in config.seeds
     ]
+    full_data = config.baselines.full_data_steps
+    if full_data is not None:
+        specs += [
+            RunSpec("full-data", "scratch", 1.0, seed, config.rank, base.lam, base.tau,
+                    base.top_k, order, steps=full_data)
+            for seed in config.seeds[:1]
+        ]  # fmt: skip
     ab = config.ablations
     if ab is not None:
-        for seed in config.seeds:
+        for seed in ab.seeds or config.seeds:
             twist = RunSpec(
-                "lambda", "twist", ab.fraction, seed, config.rank, base.lam, base.tau, base.top_k
-            )
+                "lambda", "twist", ab.fraction, seed, config.rank, base.lam, base.tau, base.top_k,
+                order,
+            )  # fmt: skip
             specs += [dataclasses.replace(twist, lam=lam) for lam in ab.lambdas]
             specs += [dataclasses.replace(twist, sweep="tau", tau=tau) for tau in ab.taus]
             specs += [dataclasses.replace(twist, sweep="rank", rank=q) for q in ab.ranks]
             specs += [dataclasses.replace(twist, sweep="top_k", top_k=k) for k in ab.top_ks]
+            specs += [
+                dataclasses.replace(twist, sweep="merge_order", merge_order=merge_order)
+                for merge_order in ab.merge_orders
+            ]
     return specs
 
 
@@ -82,6 +110,7 @@ class Context:
     style: str
     classifier: StyleClassifier
     config: StudyConfig
+    source_examples: dict[str, list[tuple[str, str]]]  # (input, output) pairs per source style
 
 
 def run_one(spec: RunSpec, ctx: Context) -> dict[str, Any]:
@@ -96,9 +125,16 @@ def run_one(spec: RunSpec, ctx: Context) -> dict[str, Any]:
         init=spec.init,
         rank=spec.rank,
         retrieval=RetrievalSettings.model_validate(
-            {"lambda": spec.lam, "tau": spec.tau, "top_k": spec.top_k}
+            {
+                "lambda": spec.lam,
+                "tau": spec.tau,
+                "top_k": spec.top_k,
+                "merge_order": spec.merge_order,
+            }
         ),
-        training=cfg.training.model_copy(update={"seed": spec.seed}),
+        training=cfg.training.model_copy(
+            update={"seed": spec.seed, "max_steps": spec.steps or cfg.training.max_steps}
+        ),
         deepspeed=cfg.deepspeed,
         resources=cfg.resources,
         storage_path=storage.join(ctx.out, "train"),
@@ -139,7 +175,11 @@ def run_one(spec: RunSpec, ctx: Context) -> dict[str, Any]:
 
 def _done(out: str, spec: RunSpec) -> dict[str, Any] | None:
     uri = storage.join(out, "runs", f"{spec.name}.json")
-    return json.loads(storage.read_bytes(uri))["row"] if storage.exists(uri) else None
+    if not storage.exists(uri):
+        return None
+    row = json.loads(storage.read_bytes(uri))["row"]
+    row.setdefault("merge_order", DEFAULT_MERGE_ORDER)  # runs from before the setting
+    return row
 
 
 def execute(specs: Sequence[RunSpec], ctx: Context) -> dict[tuple[Any, ...], dict[str, Any]]:

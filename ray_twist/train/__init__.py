@@ -9,7 +9,8 @@ Train owns the process group (gloo on CPU, nccl on GPU); DeepSpeed reuses it.
     lora               wrap a base with a PEFT LoRA; save and load adapters
     deepspeed_config   the DeepSpeed config and process group
     loop               the per-worker training loop, its checkpoints and resume
-    runs               the driver: `train_lora` (one run), `train_many` (concurrent runs)
+    runs               the driver: `train_lora` (one run), `train_many` (concurrent runs),
+                       `train_model` (every weight of a base model, no LoRA)
 
 Importing this package (or its tokens, lora and deepspeed_config parts) does not import
 Ray: the CUDA bench uses them on a machine without it.
@@ -24,7 +25,7 @@ from ray_twist.train.loop import STATE_FILE as STATE_FILE
 from ray_twist.train.loop import train_loop_per_worker
 from ray_twist.train.lora import _local_dir as _local_dir
 from ray_twist.train.lora import wrap_lora
-from ray_twist.train.runs import TrainManyError, TrainResult, train_lora, train_many
+from ray_twist.train.runs import TrainManyError, TrainResult, train_lora, train_many, train_model
 from ray_twist.train.tokens import IGNORE_INDEX as IGNORE_INDEX
 from ray_twist.train.tokens import tokenize_pairs
 
@@ -36,5 +37,6 @@ __all__ = [
     "train_lora",
     "train_loop_per_worker",
     "train_many",
+    "train_model",
     "wrap_lora",
 ]

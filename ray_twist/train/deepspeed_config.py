@@ -23,7 +23,17 @@ def deepspeed_config(
     optimizer_params: dict[str, Any] = {"lr": training.lr, "weight_decay": 0.0}
     if not on_gpu and not settings.offload_optimizer:
         optimizer_params["torch_adam"] = True
+    schedule: dict[str, Any] = {}
+    if training.lr_schedule == "linear":
+        schedule = {"scheduler": {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": training.lr, "warmup_type": "linear",
+            "warmup_num_steps": training.warmup_steps, "total_num_steps": training.max_steps}}}  # fmt: skip
+    elif training.warmup_steps:
+        schedule = {"scheduler": {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": training.lr, "warmup_type": "linear",
+            "warmup_num_steps": training.warmup_steps}}}  # fmt: skip
     return {
+        **schedule,
         "train_micro_batch_size_per_gpu": training.batch_size,
         "gradient_accumulation_steps": 1,
         "train_batch_size": training.batch_size * world_size,

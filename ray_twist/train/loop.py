@@ -1,7 +1,11 @@
 """The per-worker training loop: LoRA + DeepSpeed steps with checkpoint/resume.
 
+The loop trains a PEFT LoRA around the frozen base, or (no `lora` settings) every weight of
+the base itself: `twist base build` trains its seq2seq base with this same loop.
+
 Checkpoints (every `checkpoint_every_steps` and at the end) hold
-    adapter/              PEFT adapter dir (rank 0; fp32 safetensors)
+    adapter/              PEFT adapter dir (rank 0; fp32 safetensors), or
+    model/                the whole model, a plain HF model dir (full training)
     trainer_state.json    step, epoch, position in the epoch, history, early-stopping state
     deepspeed/            the engine's own checkpoint: LoRA weights + (ZeRO-sharded) optimizer
 and a restarted worker group resumes from the latest one.
@@ -24,15 +28,25 @@ import torch
 from ray_twist import storage
 from ray_twist.config import DeepSpeedSettings, FaultSettings, TrainingSettings
 from ray_twist.train.deepspeed_config import _init_process_group, deepspeed_config
-from ray_twist.train.lora import _save_adapter, wrap_lora
+from ray_twist.train.failures import setup_phase
+from ray_twist.train.lora import _save_adapter, check_adapter_saves, wrap_lora
 from ray_twist.train.tokens import IGNORE_INDEX, tokenize_pairs
 
 if TYPE_CHECKING:
     from ray.data import DataIterator
 
-__all__ = ["ADAPTER_DIR", "DS_DIR", "DS_TAG", "FAULT_MARKER", "STATE_FILE", "train_loop_per_worker"]
+__all__ = [
+    "ADAPTER_DIR",
+    "DS_DIR",
+    "DS_TAG",
+    "FAULT_MARKER",
+    "MODEL_DIR",
+    "STATE_FILE",
+    "train_loop_per_worker",
+]
 
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
 STATE_FILE = "trainer_state.json"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -74,11 +88,18 @@ def _maybe_inject_failure(fault: FaultSettings, marker_uri: str, step: int) -> N
     raise RuntimeError(f"injected failure at step {step}")
 
 
+def _save_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """The whole model as a plain HF model dir (rank 0; ZeRO ≤ 2 keeps full weights)."""
+    if torch.distributed.get_rank() == 0:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker body: LoRA + DeepSpeed training with checkpoint/resume.
 
-    `config` keys: base_model, lora, training, deepspeed, fault (settings models),
-    init_adapter (dir or None), fault_marker (URI). Returns (rank 0's value is kept)
+    `config` keys: base_model, lora (settings, or None to train every weight), training,
+    deepspeed, fault (settings models), init_adapter (dir or None), fault_marker (URI). Returns (rank 0's value is kept)
     the full step history and engine facts, so the driver needs no metrics store.
     """
     if not torch.cuda.is_available():
@@ -93,8 +114,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     fault: FaultSettings = config["fault"]
     torch.manual_seed(training.seed)
 
-    backbone = load_backbone(config["base_model"])
-    model = wrap_lora(backbone.model, backbone.family, config["lora"], config["init_adapter"])
+    full = config["lora"] is None
+    with setup_phase():  # errors here recur on every attempt: the run fails, no restart
+        allow_untrained = config.get("allow_untrained_base", True)
+        backbone = load_backbone(config["base_model"], allow_untrained=allow_untrained)
+        model: Any = (
+            backbone.model.requires_grad_(True)
+            if full
+            else wrap_lora(backbone.model, backbone.family, config["lora"], config["init_adapter"])
+        )
+        if not full:
+            check_adapter_saves(model)
     model.train()
 
     on_gpu = torch.cuda.is_available()
@@ -149,7 +179,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         engine.save_checkpoint(
             os.path.join(tmp, DS_DIR), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True
         )
-        _save_adapter(engine.module, Path(tmp, ADAPTER_DIR), ds_settings.zero_stage)
+        if full:
+            _save_model(engine.module, backbone.tokenizer, Path(tmp, MODEL_DIR))
+        else:
+            _save_adapter(engine.module, Path(tmp, ADAPTER_DIR), ds_settings.zero_stage)
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(state.__dict__))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from ray_twist.backbone import Family
 
-__all__ = ["wrap_lora"]
+__all__ = ["check_adapter_saves", "save_adapter_dir", "wrap_lora"]
 
 
 def wrap_lora(
@@ -74,4 +74,25 @@ def _save_adapter(model: PeftModel, out_dir: Path, zero_stage: int) -> None:
             if param.requires_grad
         }
     if torch.distributed.get_rank() == 0:
-        model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+        save_adapter_dir(model, out_dir, state_dict=state)
+
+
+def save_adapter_dir(
+    model: PeftModel, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """`model.save_pretrained` as every adapter here is saved: safetensors, LoRA weights only.
+
+    `save_embedding_layers=False`: these LoRAs never adapt embeddings, and PEFT's "auto"
+    check re-reads the base config for `vocab_size`, which a saved `EncoderDecoderConfig`
+    lacks (AttributeError on every BERT2BERT checkpoint).
+    """
+    model.save_pretrained(
+        str(out_dir), state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
+    )
+
+
+def check_adapter_saves(model: PeftModel) -> None:
+    """Save the (untrained) adapter once to a temp dir, so that a save that cannot work
+    fails before the first training step rather than at the first checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="ray-twist-save-check-") as tmp:
+        save_adapter_dir(model, tmp)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow.fs as pafs
 
 from ray_twist import storage
+from ray_twist.backbone import absolute_model_path
 from ray_twist.config import (
     DeepSpeedSettings,
     FaultSettings,
@@ -28,13 +29,14 @@ from ray_twist.config import (
     TrainingSettings,
 )
 from ray_twist.data.task import Task
-from ray_twist.train.loop import ADAPTER_DIR, FAULT_MARKER, train_loop_per_worker
+from ray_twist.train.failures import SetupError, fail_fast_callback, find_setup_error
+from ray_twist.train.loop import ADAPTER_DIR, FAULT_MARKER, MODEL_DIR, train_loop_per_worker
 
 if TYPE_CHECKING:
     from ray.data import Dataset
     from ray.train.v2.api.result import Result
 
-__all__ = ["TrainManyError", "TrainResult", "train_lora", "train_many"]
+__all__ = ["TrainManyError", "TrainResult", "train_lora", "train_many", "train_model"]
 
 
 @dataclass
@@ -42,10 +44,15 @@ class TrainResult:
     """What one training run leaves behind: a loadable adapter and its learning curve."""
 
     name: str
-    adapter_dir: str
+    output_dir: str  # the PEFT adapter dir, or (`train_model`) the whole model's dir
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_path: str = ""  # the final Ray Train checkpoint; "" in local mode (not kept)
+
+    @property
+    def adapter_dir(self) -> str:
+        """The trained adapter (a LoRA run's `output_dir`)."""
+        return self.output_dir
 
     @property
     def losses(self) -> list[float]:
@@ -84,30 +91,20 @@ def train_lora(
     name: str,
     init_adapter: str | None = None,
     fault: FaultSettings | None = None,
+    allow_untrained_base: bool = True,
 ) -> TrainResult:
     """Train one LoRA on `task` with one `TorchTrainer.fit()`; return its adapter and curve.
 
     The run lives at `storage_path/name` (checkpoints and the final `adapter/` copy), so the
     adapter survives the driver. `init_adapter` starts from an existing PEFT adapter (its own
     rank and targets win over `lora`), which is how TWIST initialises a target LoRA.
+    `allow_untrained_base=False` makes the workers refuse a base model whose load reports
+    newly initialised weights (`backbone.UntrainedBaseError`).
+
+    An error in a worker's setup (loading the base, wrapping the LoRA, a trial save) is
+    raised as it is, at once; only failures after that restart from the last checkpoint.
     """
-    from ray.train import DataConfig
-    from ray.train.v2._internal.constants import is_v2_enabled
-    from ray.train.v2.api.config import (
-        CheckpointConfig,
-        FailureConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.v2.torch.torch_trainer import TorchTrainer
-
-    if not is_v2_enabled():
-        raise RuntimeError("ray_twist.train needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
-
     _check_name(name)
-    if deepspeed.precision == "fp16" and resources.gpus_per_worker == 0:
-        raise ValueError("deepspeed.precision: fp16 needs GPUs; use bf16 or fp32 on CPU workers")
-    fault = fault or FaultSettings()
     train_task, val_task = (
         task.split_off(training.val_fraction, seed=training.seed)
         if training.val_fraction > 0
@@ -121,7 +118,69 @@ def train_lora(
     datasets: dict[str, Dataset | Callable[[], Dataset]] = {"train": _pairs_dataset(train_task)}
     if val_task is not None and len(val_task):
         datasets["validation"] = _pairs_dataset(val_task)
+    loop_config = {"base_model": base_model, "lora": lora, "init_adapter": init_adapter,
+                   "allow_untrained_base": allow_untrained_base}  # fmt: skip
+    return _fit(loop_config, datasets, training, deepspeed, resources, storage_path, name, fault)
 
+
+def train_model(
+    pairs: Dataset,
+    base_model: str,
+    training: TrainingSettings,
+    deepspeed: DeepSpeedSettings,
+    resources: ResourceSettings,
+    storage_path: str,
+    name: str,
+    fault: FaultSettings | None = None,
+) -> TrainResult:
+    """Train **every** weight of `base_model` on a `source`/`target` dataset, no LoRA.
+
+    The same loop, checkpoints and resume as `train_lora`; the result's `output_dir` is a
+    plain HF model dir (weights + tokenizer). `twist base build` makes its base with this.
+    """
+    _check_name(name)
+    if deepspeed.zero_stage == 3:
+        raise ValueError("training every weight saves the model from rank 0: use zero_stage <= 2")
+    loop_config = {"base_model": base_model, "lora": None, "init_adapter": None}
+    return _fit(
+        loop_config, {"train": pairs}, training, deepspeed, resources, storage_path, name, fault
+    )
+
+
+def _fit(
+    loop_config: dict[str, Any],
+    datasets: dict[str, Dataset | Callable[[], Dataset]],
+    training: TrainingSettings,
+    deepspeed: DeepSpeedSettings,
+    resources: ResourceSettings,
+    storage_path: str,
+    name: str,
+    fault: FaultSettings | None,
+) -> TrainResult:
+    """One `TorchTrainer.fit()` of the training loop; copy its output dir next to the run."""
+    from ray.train import DataConfig, TrainingFailedError
+    from ray.train.v2._internal.constants import is_v2_enabled
+    from ray.train.v2.api.config import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
+
+    if not is_v2_enabled():
+        raise RuntimeError("ray_twist.train needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
+    if deepspeed.precision == "fp16" and resources.gpus_per_worker == 0:
+        raise ValueError("deepspeed.precision: fp16 needs GPUs; use bf16 or fp32 on CPU workers")
+    fault = fault or FaultSettings()
+    output = ADAPTER_DIR if loop_config["lora"] is not None else MODEL_DIR
+    # workers run in their own working directories: every local path leaves here absolute
+    storage_path = storage.absolute(storage_path)
+    loop_config = {
+        **loop_config,
+        "base_model": absolute_model_path(loop_config["base_model"]),
+        "init_adapter": storage.absolute_or_none(loop_config.get("init_adapter")),
+    }
     fs, root = storage.resolve(storage_path)
     use_gpu = resources.gpus_per_worker > 0
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
@@ -130,12 +189,10 @@ def train_lora(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "base_model": base_model,
-            "lora": lora,
+            **loop_config,
             "training": training,
             "deepspeed": deepspeed,
             "fault": fault,
-            "init_adapter": init_adapter,
             "has_validation": "validation" in datasets,
             "fault_marker": storage.join(storage_path, name, FAULT_MARKER),
             "local_mode": resources.num_workers == 0,
@@ -149,20 +206,29 @@ def train_lora(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=fault.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[fail_fast_callback()],  # setup errors are not worker failures
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = cast("Result", trainer.fit())
+    try:
+        result = cast("Result", trainer.fit())
+    except (SetupError, TrainingFailedError) as exc:  # SetupError itself: local mode
+        setup = find_setup_error(getattr(exc, "controller_failure", exc))
+        if setup is None:
+            raise
+        original = setup.unwrap()
+        original.add_note(f"raised while setting up training run {name!r}; not retried")
+        raise original from exc
     if result.checkpoint is None:
         raise RuntimeError(f"run {name!r} finished without a checkpoint")
-    adapter_path = f"{root}/{name}/{ADAPTER_DIR}"
+    output_path = f"{root}/{name}/{output}"
     with contextlib.suppress(FileNotFoundError):
-        fs.delete_dir(adapter_path)
-    fs.create_dir(adapter_path, recursive=True)
+        fs.delete_dir(output_path)
+    fs.create_dir(output_path, recursive=True)
     pafs.copy_files(
-        f"{result.checkpoint.path}/{ADAPTER_DIR}",
-        adapter_path,
+        f"{result.checkpoint.path}/{output}",
+        output_path,
         source_filesystem=result.checkpoint.filesystem,
         destination_filesystem=fs,
     )
@@ -171,7 +237,7 @@ def train_lora(
     returned = result.return_value or {}
     return TrainResult(
         name=name,
-        adapter_dir=storage.join(storage_path, name, ADAPTER_DIR),
+        output_dir=storage.join(storage_path, name, output),
         metrics=dict(result.metrics or {}),
         history=list(returned.get("history", [])),
         checkpoint_path="" if resources.num_workers == 0 else result.checkpoint.path,
@@ -193,6 +259,7 @@ def train_many(
     storage_path: str,
     init_adapters: dict[str, str] | None = None,
     fault: FaultSettings | None = None,
+    allow_untrained_base: bool = True,
 ) -> dict[str, TrainResult]:
     """Train one LoRA per task, concurrently: one Ray task drives each `fit()` (zero-CPU, or
     holding the run's resources in local mode, `num_workers: 0`).
@@ -208,7 +275,9 @@ def train_many(
         raise ValueError(f"task names must be unique, got {names}")
     for n in names:
         _check_name(n)
-    init_adapters = init_adapters or {}
+    # the Ray tasks run in other working directories: local paths leave here absolute
+    init_adapters = {k: storage.absolute(v) for k, v in (init_adapters or {}).items()}
+    base_model, storage_path = absolute_model_path(base_model), storage.absolute(storage_path)
     # the task only drives `fit()`, except in local mode, where the loop runs inside it
     local = resources.num_workers == 0
     remote_train = ray.remote(
@@ -224,6 +293,7 @@ def train_many(
         "resources": resources,
         "storage_path": storage_path,
         "fault": fault,
+        "allow_untrained_base": allow_untrained_base,
     }
     pending = {
         remote_train.options(name=f"train_lora[{t.name}]").remote(
