@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lint test demo demo-real bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: lint
 
 demo: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/twist demo
+
+# The real-text pipeline on ../shared/data/bible (see jobs/configs/bible_prepare.yaml): the
+# base is built once (~30 min on 2 cores) and cached under runs/.
+demo-real: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/twist demo --real
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/merge.py

@@ -260,6 +260,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.real:
+        from ray_twist.demo_real import run_real_demo
+
+        run_real_demo(args.corpus, args.configs)
+        return 0
     from ray_twist.demo import run_demo
 
     run_demo(args.workdir, quick=args.quick)
@@ -420,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--quick", action="store_true", help="every phase at the smallest sizes (tests, smoke runs)"
     )
+    demo.add_argument(
+        "--real", action="store_true", help="the real-text pipeline on the Bible corpus: base "
+        "(cached), pool, adapt BBE → KJV from 1 %%, eval with the identity baseline, serve",
+    )  # fmt: skip
+    demo.add_argument("--corpus", help="--real: the Bible corpus directory "
+                      "[bible_prepare.yaml's dir]")  # fmt: skip
+    demo.add_argument("--configs", default="jobs/configs",
+                      help="--real: the directory of the real-text configs [jobs/configs]")  # fmt: skip
     demo.set_defaults(handler=cmd_demo)
     return parser
 

@@ -382,7 +382,14 @@ def _ray_logs_dir() -> str:
 
 
 def _serve_round_trip(
-    pool: str, adapter: str, examples: str, out: Path, console: Console
+    pool: str,
+    adapter: str,
+    examples: str,
+    out: Path,
+    console: Console,
+    texts: list[str] | None = None,
+    style: str = TARGET,
+    modes: tuple[str, ...] = MODES,
 ) -> dict[str, Any]:
     """Deploy the app, restyle a few sentences in each mode over HTTP, shut Serve down."""
     from ray import serve
@@ -393,7 +400,7 @@ def _serve_round_trip(
     config = ServeConfig.model_validate(
         {
             "pool": pool,
-            "styles": {TARGET: {"adapter": adapter, "examples": examples}},
+            "styles": {style: {"adapter": adapter, "examples": examples}},
             # a sharp retrieval: each sentence takes its nearest sources' style, zero-shot
             "retrieval": {"tau": 0.02},
             "http": {"port": _free_port()},
@@ -401,7 +408,7 @@ def _serve_round_trip(
             "ingress": {"num_replicas": 1},
         }
     )
-    texts = neutral_sentences(3, seed=505)
+    texts = texts or neutral_sentences(3, seed=505)
     try:
         with console.status("starting Serve …"):
             url = run(config)
@@ -409,9 +416,9 @@ def _serve_round_trip(
         answers = {
             mode: _post(
                 f"{url}/v1/restyle",
-                {"texts": texts, "style": TARGET, "mode": mode, "max_new_tokens": 48},
+                {"texts": texts, "style": style, "mode": mode, "max_new_tokens": 64},
             )
-            for mode in MODES
+            for mode in modes
         }
     finally:
         serve.shutdown()
