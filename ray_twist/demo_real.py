@@ -63,8 +63,6 @@ def run_real_demo(
         console.width = 140
     transformers_logging.disable_progress_bar()
     phase = _Phases(console, 6)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
     study = load_yaml(Path(configs, "low_resource_bible.yaml"), StudyConfig)
     assert study.real is not None
     real = study.real
@@ -74,6 +72,8 @@ def run_real_demo(
         fields = prepare.model_dump(exclude={"out"}) | ({"dir": corpus} if corpus else {})
         manifest = prepare_aligned(AlignedCorpusSettings.model_validate(fields), prepare.out)
         console.print(f"{prepare.out}: {len(manifest['counts'])} files")
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
 
     with phase("base", "MiniLM warm-started as BERT2BERT, every weight trained to copy"):
         base_config = load_yaml(Path(configs, "base_bible.yaml"), BaseBuildConfig)

@@ -132,20 +132,20 @@ def test_bad_lines_name_file_line_and_field(tmp_path: Path) -> None:
     path = corpus / "old.jsonl"
     lines = path.read_text().splitlines()
     cases = {
-        '{"id": "Gen.9.9"}': "old.jsonl:12: missing field 'text'",
-        '{"id": "Gen.9.9", "text": 5}': "old.jsonl:12: field 'text' must be a string",
-        '{"text": "x y z"}': "old.jsonl:12: missing field 'id'",
-        '{"id": "Gen", "text": "x y z"}': "old.jsonl:12: field 'id': 'Gen' is not of the form",
-        '{"id": "Gen.1.1", "text": "x y z"}': "old.jsonl:12: field 'id': duplicate id 'Gen.1.1'",
-        "{not json": "old.jsonl:12: not valid JSON",
-        "[1, 2]": "old.jsonl:12: expected a JSON object",
+        '{"id": "Gen.9.9"}': "old.jsonl line 12: missing field 'text'",
+        '{"id": "Gen.9.9", "text": 5}': "old.jsonl line 12: field 'text' must be a string",
+        '{"text": "x y z"}': "old.jsonl line 12: missing field 'id'",
+        '{"id": "Gen", "text": "x y z"}': "old.jsonl line 12: field 'id': 'Gen' is not of the form",
+        '{"id": "Gen.1.1", "text": "x y z"}': "old.jsonl line 12: field 'id': duplicate id 'Gen.1.1'",
+        "{not json": "old.jsonl line 12: invalid JSON",
+        "[1, 2]": "old.jsonl line 12: expected a JSON object",
     }
     for bad, message in cases.items():
         path.write_text("\n".join([*lines[:11], bad, *lines[11:]]) + "\n")
         with pytest.raises(DataError, match=message.replace("(", r"\(")):
             prepare_aligned(_settings(corpus), tmp_path / "out")
     path.write_bytes("\n".join(lines[:2]).encode() + b'\n{"id": "Gen.9.9", "text": "\xff"}\n')
-    with pytest.raises(DataError, match="old.jsonl:3: not UTF-8"):
+    with pytest.raises(DataError, match="old.jsonl line 3: not UTF-8"):
         prepare_aligned(_settings(corpus), tmp_path / "out")
 
 

@@ -90,3 +90,9 @@ def test_bad_input_is_named(t5_pool, tmp_path, capsys) -> None:
     assert "line 1" in capsys.readouterr().err
     assert main(["pool", "show", "--pool", str(tmp_path / "nothing")]) == 2
     assert "no pool" in capsys.readouterr().err
+
+
+def test_real_demo_names_a_missing_corpus(tmp_path, capsys) -> None:
+    """`twist demo --real` on a corpus directory that is not there fails at once, naming it."""
+    assert main(["demo", "--real", "--corpus", str(tmp_path / "no-bible")]) == 2
+    assert "no-bible" in capsys.readouterr().err

@@ -80,7 +80,14 @@ def test_study_job_runs_and_resumes(ray_session, tmp_path: Path) -> None:
     out = tmp_path / "study"
     config = tmp_path / "study.yaml"
     config.write_text(
-        yaml.safe_dump({**STUDY, "out": str(out), "base_model": packaged_minilm_path()})
+        yaml.safe_dump(
+            {
+                **STUDY,
+                "out": str(out),
+                "base_model": packaged_minilm_path(),
+                "allow_untrained_base": True,
+            }  # the bare encoder, warm-started on the fly
+        )  # fmt: skip
     )
     assert main(["--config", str(config)]) == 0
 
@@ -108,6 +115,69 @@ def test_study_job_runs_and_resumes(ray_session, tmp_path: Path) -> None:
     stamps = {p.name: p.stat().st_mtime_ns for p in runs}
     assert main(["--config", str(config)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_real_text_study_reads_files_and_reports_baselines(
+    ray_session, tiny_backbones: dict[str, str], tmp_path: Path
+) -> None:
+    """The real-text path: a pool from its own build config over data files, target and test
+    pairs from files, a judge from a labelled table; identity and full-data baseline rows and
+    the samples section in the report."""
+    from ray_twist.data import make_task, style_corpus
+
+    def pairs(style: str, n: int, seed: int) -> list[dict]:
+        return [{"source": s, "target": t} for s, t in make_task(style, n, seed=seed).pairs]
+
+    files = {
+        name: _write_jsonl(tmp_path / f"{name}.jsonl", pairs(style, n, seed))
+        for name, style, n, seed in [("pirate", "pirate", 16, 0), ("shouty", "shouty", 16, 1),
+                                     ("train", "sailor", 20, 2), ("test", "sailor", 6, 3)]
+    }  # fmt: skip
+    judge = [{"text": t, "label": y} for t, y in style_corpus(8, seed=0)]
+    pool = {
+        "base_model": tiny_backbones["bert2bert"],
+        "lora": {"r": 2, "alpha": 2},
+        "sources": [{"name": n, "data": files[n], "max_examples": 12} for n in ("pirate", "shouty")],
+        "training": {"epochs": 1, "max_steps": 2, "batch_size": 8, "checkpoint_every_steps": None},
+        "deepspeed": {"zero_stage": 0},
+        "resources": {"num_workers": 0, "cpus_per_worker": 1},
+        "pool": str(tmp_path / "pool"),
+        "storage_path": str(tmp_path / "sources"),
+    }  # fmt: skip
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(pool))
+    study = {
+        **{k: v for k, v in STUDY.items() if k not in ("world", "source_lora", "source_training")},
+        "out": str(tmp_path / "study"),
+        "real": {"pool": str(tmp_path / "pool.yaml"), "train": files["train"],
+                 "test": files["test"], "n_test": 4, "style": "sailor",
+                 "judge_data": _write_jsonl(tmp_path / "judge.jsonl", judge),
+                 "judge_texts_per_style": 6},
+        "baselines": {"identity": True, "full_data_steps": 3},
+        "ablations": None,
+    }  # fmt: skip
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    assert main(["--config", str(tmp_path / "study.yaml")]) == 0
+
+    record = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert {(r["sweep"], r["init"]) for r in record["rows"]} == {
+        ("main", "scratch"), ("main", "twist"), ("full-data", "scratch")
+    }  # fmt: skip
+    full = next(r for r in record["rows"] if r["sweep"] == "full-data")
+    assert full["fraction"] == 1.0 and full["n_train"] == 20 and full["steps"] == 3
+    (identity,) = record["baselines"]
+    assert identity["init"] == "identity" and len(identity["examples"]) == 4
+    assert [e["output"] for e in identity["examples"]] == [
+        e["source"] for e in identity["examples"]
+    ]
+    summary = (tmp_path / "study" / "summary.md").read_text()
+    assert "## baselines" in summary and "identity" in summary and "## Samples" in summary
+    twist = next(r for r in record["rows"] if r["init"] == "twist")
+    assert set(json.loads(twist["weights"])) == {"pirate", "shouty"}
 
 
 @pytest.mark.parametrize(

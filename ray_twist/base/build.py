@@ -32,7 +32,7 @@ import numpy as np
 from ray_twist import storage
 from ray_twist.base.config import BaseBuildConfig, CopyNoiseSettings
 from ray_twist.base.warm_start import used_token_ids, warm_start
-from ray_twist.config import TrainingSettings
+from ray_twist.config import ResourceSettings, TrainingSettings
 from ray_twist.data.denoise import corrupt
 
 if TYPE_CHECKING:
@@ -177,6 +177,17 @@ def _training(config: BaseBuildConfig) -> TrainingSettings:
     )
 
 
+def _resources(config: BaseBuildConfig, cpus: float) -> ResourceSettings:
+    """The configured workers, or by the cluster's CPUs: local mode on one CPU, else one
+    worker per 8 CPUs (at least one) sharing every CPU (the texts are materialised first)."""
+    if config.resources is not None:
+        return config.resources
+    if cpus < 2:
+        return ResourceSettings(num_workers=0, cpus_per_worker=1)
+    workers = max(1, int(cpus // 8))
+    return ResourceSettings(num_workers=workers, cpus_per_worker=int(cpus // workers))
+
+
 def build_base(config: BaseBuildConfig) -> BaseBuildResult:
     """Build (or find built) the base that `config` describes; see the module docstring."""
     import ray
@@ -222,12 +233,13 @@ def build_base(config: BaseBuildConfig) -> BaseBuildResult:
 
     from ray_twist.train import train_model
 
+    resources = _resources(config, ray.cluster_resources().get("CPU", 1))
     result = train_model(
         pairs,
         init_dir,
         _training(config),
         config.deepspeed,
-        config.resources,
+        resources,
         str(work / "runs"),
         "base",
     )
@@ -270,7 +282,7 @@ def build_base(config: BaseBuildConfig) -> BaseBuildResult:
             "total": time.perf_counter() - started,
         },
         "cpus": ray.cluster_resources().get("CPU"),
-        "resources": config.resources.model_dump(mode="json"),
+        "resources": resources.model_dump(mode="json"),
     }
     storage.write_bytes_atomic(str(record_path), json.dumps(record, indent=1).encode())
     shutil.rmtree(work, ignore_errors=True)

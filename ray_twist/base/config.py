@@ -56,8 +56,10 @@ class BaseBuildConfig(Settings):
     checkpoint_every_steps: int = Field(default=100, ge=1)
     seed: int = 0
     deepspeed: DeepSpeedSettings = Field(default_factory=lambda: DeepSpeedSettings(zero_stage=0))
-    resources: ResourceSettings = Field(
-        default_factory=lambda: ResourceSettings(num_workers=1, cpus_per_worker=2)
+    resources: ResourceSettings | None = Field(
+        default=None,
+        description="training workers; default: by the cluster's CPUs — Ray Train local mode "
+        "on one CPU, else one worker per 8 CPUs (at least one), sharing every CPU",
     )
 
     @field_validator("deepspeed")

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from ray_twist.config import Settings
-from ray_twist.data.readers import DataError
+from ray_twist.data.readers import DataError, jsonl_objects
 
 __all__ = [
     "AlignedCorpusSettings",
@@ -182,20 +182,11 @@ def read_aligned_version(
         content = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         bad_line = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{path}:{bad_line}: not UTF-8 ({exc.reason})") from exc
+        raise DataError(f"{path} line {bad_line}: not UTF-8 ({exc.reason})") from exc
     records: list[tuple[str, str]] = []
-    first_line: dict[str, int] = {}
+    first_line: dict[str, str] = {}
     repeated: dict[str, int] = {}
-    for number, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from exc
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for where, row in jsonl_objects(content.split("\n"), str(path)):
         values = []
         for field in (id_field, text_field):
             if field not in row:
@@ -213,11 +204,11 @@ def read_aligned_version(
             if duplicates == "error":
                 raise DataError(
                     f"{where}: field {id_field!r}: duplicate id {uid!r} "
-                    f"(first on line {first_line[uid]}; set duplicates: drop or first)"
+                    f"(first at {first_line[uid]}; set duplicates: drop or first)"
                 )
             repeated[uid] = repeated.get(uid, 1) + 1
             continue
-        first_line[uid] = number
+        first_line[uid] = where
         records.append((uid, text))
     if repeated and duplicates == "drop":
         records = [(uid, text) for uid, text in records if uid not in repeated]

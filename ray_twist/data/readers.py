@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -180,10 +180,15 @@ def _rows(
 
 
 def _jsonl_rows(uri: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    for number, line in enumerate(_lines(uri), 1):
+    return jsonl_objects(_lines(uri), _shown(uri))
+
+
+def jsonl_objects(lines: Iterable[str], shown: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(\"FILE line N\", object) for each non-blank JSON Lines line; bad lines raise DataError."""
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"{_shown(uri)} line {number}"
+        where = f"{shown} line {number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:

@@ -99,6 +99,7 @@ def _synthetic_setup(config: StudyConfig) -> _Setup:
             "featurizer": {"model": config.featurizer},
             "pool": uri,
             "storage_path": storage.join(config.out, "sources"),
+            "allow_untrained_base": config.allow_untrained_base,
         }
     )
     build_pool(build, progress=False)

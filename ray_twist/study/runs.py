@@ -138,6 +138,7 @@ def run_one(spec: RunSpec, ctx: Context) -> dict[str, Any]:
         deepspeed=cfg.deepspeed,
         resources=cfg.resources,
         storage_path=storage.join(ctx.out, "train"),
+        allow_untrained_base=cfg.allow_untrained_base,
     )
     result = adapt(
         task,
