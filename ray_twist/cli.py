@@ -214,18 +214,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from ray_twist.adapt import adapt
-    from ray_twist.config import AdaptConfig, load_yaml
+    from ray_twist.config import AdaptConfig, RetrievalSettings, load_yaml
     from ray_twist.data.readers import read_corpus
 
     config = load_yaml(args.config, AdaptConfig) if args.config else AdaptConfig()
     overrides = {"init": args.init, "rank": args.rank,
                  "allow_untrained_base": args.allow_untrained_base or None}  # fmt: skip
     config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    if args.lam is not None or args.tau is not None or args.top_k is not None:
-        config = config.model_copy(update={"retrieval": _retrieval(args)})
-    if args.merge_order is not None:
-        retrieval = config.retrieval.model_copy(update={"merge_order": args.merge_order})
-        config = config.model_copy(update={"retrieval": retrieval})
+    flags = {"lambda": args.lam, "tau": args.tau, "top_k": args.top_k,
+             "merge_order": args.merge_order}  # fmt: skip
+    given = {k: v for k, v in flags.items() if v is not None}  # the rest: the config's
+    if given:
+        retrieval = {**config.retrieval.model_dump(by_alias=True), **given}
+        config = config.model_copy(
+            update={"retrieval": RetrievalSettings.model_validate(retrieval)}
+        )
     task = read_corpus(args.target)
     result = adapt(task, args.out, config, pool=args.pool)
     print(f"adapted {task.name!r} ({len(task)} examples, init {result.init}) → {args.out}")
