@@ -38,8 +38,9 @@ class SetupError(RuntimeError):
 
     @classmethod
     def wrap(cls, exc: BaseException) -> SetupError:
-        try:
-            original: BaseException | None = pickle.loads(pickle.dumps(exc))
+        original: BaseException | None = exc
+        try:  # only a probe: does it serialise to travel back to the driver?
+            pickle.dumps(exc)
         except Exception:  # noqa: BLE001 - an unpicklable error travels as its message
             original = None
         return cls(f"{type(exc).__name__}: {exc}", original)
