@@ -12,6 +12,7 @@ Model inputs:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -22,6 +23,23 @@ from transformers import PreTrainedTokenizerBase
 
 from ray_twist.backbone import Backbone
 from ray_twist.rowlora import RowFactors, row_lora
+
+_SPACE_BEFORE = re.compile(r" ([.,;:!?)\]'])")
+_SPACE_AFTER = re.compile(r"([(\[']) ")
+_SPACED_PROBE = "a; b-c (d) e's"
+
+
+def detokenise(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> list[str]:
+    """Decode rows of token ids to text. WordPiece decoders put spaces around every
+    punctuation piece (`caesar ' s ; well - known`); for those tokenizers the spaces that the
+    text could not have had are removed, so outputs read as text and BLEU's tokenizer sees
+    the same words as in the references."""
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    probe = tokenizer.decode(tokenizer(_SPACED_PROBE)["input_ids"], skip_special_tokens=True)
+    if probe.strip().lower() == _SPACED_PROBE:
+        return [t.strip() for t in texts]
+    joined = (_SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", t)) for t in texts)
+    return [t.replace(" - ", "-").strip() for t in joined]
 
 
 def _sep(tokenizer: PreTrainedTokenizerBase) -> tuple[str, int]:
@@ -119,7 +137,7 @@ def generate_ids(
             )
         if causal:
             out = out[:, ids.shape[1] :]
-        outputs.extend(t.strip() for t in tok.batch_decode(out, skip_special_tokens=True))
+        outputs.extend(detokenise(tok, out))
     return outputs
 
 

