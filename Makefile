@@ -1,10 +1,14 @@
 # Two entry points for a newcomer: `make demo` (the main job) and `make test` (the suite).
 # Each installs what it needs into .venv: torch==2.13.0 first (the CPU wheel), then the
-# project, then DeepSpeed built against that torch.
+# project, then its `train` extra (DeepSpeed, pinned in pyproject.toml) built without build
+# isolation against that torch.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+
+# The `train` extra's requirements (DeepSpeed) as pyproject.toml declares them.
+TRAIN_EXTRA = $$(sed -n '/^train = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*"' | tr -d '"')
 
 .PHONY: install lint test demo demo-real bench clean
 
@@ -15,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-build-isolation deepspeed
+	$(BIN)/python -m pip install -q --no-build-isolation $(TRAIN_EXTRA)
 	touch $(STAMP)
 
 lint: install

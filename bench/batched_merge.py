@@ -24,7 +24,8 @@ import torch
 from common import write_result
 
 from ray_twist.initialise import merge_weighted
-from ray_twist.merge import AdapterFactors, MergeSources
+from ray_twist.lora import AdapterFactors
+from ray_twist.merge import MergeSources
 
 
 def llama_like_sources(n_sources: int, r: int, d: int, layers: int) -> MergeSources:

@@ -22,9 +22,9 @@ from common import write_result
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5Config
 
 from ray_twist.backbone import packaged_minilm_path
-from ray_twist.config import DeepSpeedSettings, LoraSettings, TrainingSettings
 from ray_twist.data import make_task
 from ray_twist.train import deepspeed_config, tokenize_pairs, wrap_lora
+from ray_twist.train.config import DeepSpeedSettings, LoraSettings, TrainingSettings
 
 
 def _free_port() -> int:

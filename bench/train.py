@@ -25,10 +25,15 @@ import torch
 from common import init_ray_fairly, write_result
 
 from ray_twist.backbone import build_small_t5, build_tiny_backbone, load_backbone
-from ray_twist.config import DeepSpeedSettings, LoraSettings, ResourceSettings, TrainingSettings
 from ray_twist.data import make_world
 from ray_twist.data.task import Task
 from ray_twist.train import tokenize_pairs, train_lora, train_many, wrap_lora
+from ray_twist.train.config import (
+    DeepSpeedSettings,
+    LoraSettings,
+    ResourceSettings,
+    TrainingSettings,
+)
 
 WINDOW = 10  # steps per window for the best-window rate
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import sys
 
 import ray
+from _front import parse_job_config
 
 from ray_twist.build import build_and_print
-from ray_twist.config import BuildPoolConfig, parse_job_config
+from ray_twist.build.config import BuildPoolConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
         --config jobs/configs/low_resource.yaml
 
 Thin: parse the config, connect to the job's cluster (or start a local Ray), run
-`ray_twist.study.run_study`, print the summary. Re-submitting skips finished runs.
+`ray_twist.recipes.study.run_study`, print the summary. Re-submitting skips finished runs.
 Exit status: 0 done, 2 bad config.
 """
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 import sys
 
 import ray
+from _front import parse_job_config
 
-from ray_twist.config import StudyConfig, parse_job_config
-from ray_twist.study import run_study
+from ray_twist.recipes.study import run_study
+from ray_twist.recipes.study.config import StudyConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import sys
 
 import ray
+from _front import parse_job_config
 
 from ray_twist import storage
-from ray_twist.config import MergeTargetsConfig, parse_job_config
-from ray_twist.initialise import run_merge_targets
+from ray_twist.initialise import MergeTargetsConfig, run_merge_targets
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,12 @@ import argparse
 import sys
 import time
 
+from _front import parse_job_config
 from pydantic import ValidationError
 
-from ray_twist.config import format_validation_error, parse_job_config
 from ray_twist.data.aligned import AlignedCorpusSettings, PrepareAlignedConfig, prepare_aligned
 from ray_twist.data.readers import DataError
+from ray_twist.settings import format_validation_error
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:

@@ -14,9 +14,10 @@ import json
 import sys
 
 import ray
+from _front import parse_job_config
 
-from ray_twist.config import RestyleCorpusConfig, parse_job_config
 from ray_twist.restyle import run_restyle_corpus
+from ray_twist.restyle.config import RestyleCorpusConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,22 +28,26 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from ray_twist import storage
 from ray_twist.backbone import absolute_model_path, check_trained_base, config_hash
-from ray_twist.config import AdaptConfig, LoraSettings
 from ray_twist.data.task import Task
 from ray_twist.features import Featurizer
-from ray_twist.initialise import (
-    RETRIEVAL_FILE,
-    init_target,
-    merge_weighted,
-    pool_merge_sources,
-)
+from ray_twist.initialise import RETRIEVAL_FILE, init_target, merge_weighted
 from ray_twist.merge import MergeMethod
-from ray_twist.pool import Pool, validate_name
-from ray_twist.train import TrainResult, _local_dir, train_lora
+from ray_twist.pool import Pool, pool_merge_sources, validate_name
+from ray_twist.retrieval import RetrievalSettings
+from ray_twist.settings import Settings
+from ray_twist.train import TrainResult, train_lora
+from ray_twist.train.config import (
+    DeepSpeedSettings,
+    LoraSettings,
+    ResourceSettings,
+    TrainingSettings,
+)
 
 ADAPT_FILE = "twist_adapt.json"
 TRAIN_DIR = "_train"
@@ -195,7 +199,7 @@ def adapt(
     )
     fs, path = storage.resolve(out_dir)
     fs.create_dir(path, recursive=True)
-    with _local_dir(result.adapter_dir) as local:
+    with storage.local_dir(result.adapter_dir) as local:
         storage.upload_dir(local, out_dir)
 
     record: dict[str, Any] = {
@@ -229,3 +233,48 @@ def adapt(
             storage.join(out_dir, RETRIEVAL_FILE), json.dumps(retrieval, indent=2).encode()
         )
     return AdaptResult(out_dir, config.init, weights, record["metrics"], result.history)
+
+
+# ---------------------------------------------------------------- settings
+
+InitMethod = Literal["twist", "scratch", "uniform", "dense-svd-avg"]
+INIT_METHODS: tuple[InitMethod, ...] = ("scratch", "uniform", "dense-svd-avg", "twist")
+
+
+def _adapt_training() -> TrainingSettings:
+    """Few examples: many short epochs, a validation split and early stopping."""
+    return TrainingSettings(epochs=20, lr=1e-3, batch_size=8, val_fraction=0.2,
+                            early_stopping_patience=3, checkpoint_every_steps=None)  # fmt: skip
+
+
+class AdaptConfig(Settings):
+    """`twist adapt`: initialise a target LoRA of rank q, then fine-tune it on the target data.
+
+    init: `twist` (retrieval-weighted merge, top-q SVD), `uniform` (all sources weighted 1/N,
+    top-q SVD), `dense-svd-avg` (the same uniform average through the dense SVD reference:
+    equal to `uniform` up to SVD precision, a check on the factored merge) or `scratch`
+    (PEFT's own LoRA init: A random, B = 0; no pool needed). Every init has scaling α/r = 1.
+    `retrieval.merge_order` applies to every merged init; with `truncate_then_sum` the init
+    adapter's rank is Σ_s min(q, r_s) over the sources with R_s ≠ 0, not `rank`.
+    """
+
+    init: InitMethod = "twist"
+    rank: int = Field(default=8, ge=1, description="q: rank of the target LoRA")
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    training: TrainingSettings = Field(default_factory=_adapt_training)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    resources: ResourceSettings = Field(default_factory=ResourceSettings)
+    base_model: str | None = Field(default=None, description="default: the pool's base model")
+    target_modules: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="scratch only; default: the pool's, else the backbone's",
+    )
+    storage_path: str | None = Field(
+        default=None, description="training runs (checkpoints); default: <out>/_train"
+    )
+    allow_untrained_base: bool = Field(
+        default=False,
+        description="use a base model with newly initialised (untrained) weights anyway, e.g. "
+        "a bare encoder warm-started into BERT2BERT; default: refuse it (see twist base build)",
+    )

@@ -51,7 +51,7 @@ def _add_allow_untrained_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _retrieval(args: argparse.Namespace):
-    from ray_twist.config import RetrievalSettings
+    from ray_twist.retrieval import RetrievalSettings
 
     given = {"lambda": args.lam, "tau": args.tau, "top_k": args.top_k}
     if getattr(args, "merge_order", None) is not None:
@@ -103,7 +103,7 @@ def cmd_pool_add(args: argparse.Namespace) -> int:
     from ray_twist.backbone import absolute_model_path
     from ray_twist.data.readers import read_corpus
     from ray_twist.features import Featurizer, task_key
-    from ray_twist.merge import read_adapter
+    from ray_twist.lora import read_adapter
     from ray_twist.pool import SourceEntry, add_sources
 
     adapter = read_adapter(args.adapter)  # validates the dir before any featurizing
@@ -138,8 +138,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
-    from ray_twist.initialise import merge_targets, merge_weighted, pool_merge_sources, read_targets
-    from ray_twist.pool import Pool
+    from ray_twist.initialise import merge_targets, merge_weighted, read_targets
+    from ray_twist.pool import Pool, pool_merge_sources
 
     pool = Pool.open(args.pool)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -161,7 +161,8 @@ def cmd_pool_build(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ray_twist.build import build_pool, summary_table
-    from ray_twist.config import BuildPoolConfig, load_yaml
+    from ray_twist.build.config import BuildPoolConfig
+    from ray_twist.settings import load_yaml
 
     config = load_yaml(args.config, BuildPoolConfig)
     if args.allow_untrained_base:
@@ -173,7 +174,7 @@ def cmd_pool_build(args: argparse.Namespace) -> int:
 
 def cmd_base_build(args: argparse.Namespace) -> int:
     from ray_twist.base import BaseBuildConfig, build_base
-    from ray_twist.config import load_yaml
+    from ray_twist.settings import load_yaml
 
     overrides = {"from_model": args.from_model, "texts": args.texts, "out": args.out,
                  "steps": args.steps}  # fmt: skip
@@ -213,9 +214,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from ray_twist.adapt import adapt
-    from ray_twist.config import AdaptConfig, RetrievalSettings, load_yaml
+    from ray_twist.adapt import AdaptConfig, adapt
     from ray_twist.data.readers import read_corpus
+    from ray_twist.retrieval import RetrievalSettings
+    from ray_twist.settings import load_yaml
 
     config = load_yaml(args.config, AdaptConfig) if args.config else AdaptConfig()
     overrides = {"init": args.init, "rank": args.rank,
@@ -264,11 +266,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.real:
-        from ray_twist.demo_real import run_real_demo
+        from ray_twist.recipes.demo_real import run_real_demo
 
         run_real_demo(args.corpus, args.configs)
         return 0
-    from ray_twist.demo import run_demo
+    from ray_twist.recipes.demo import run_demo
 
     run_demo(args.workdir, quick=args.quick)
     return 0

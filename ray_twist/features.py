@@ -32,13 +32,9 @@ from transformers import AutoModel, AutoTokenizer
 
 from ray_twist.backbone import PACKAGED_MINILM, resolve_model_path
 from ray_twist.data.task import Task
+from ray_twist.vectors import unit_rows
 
 DEFAULT_FEATURIZER = PACKAGED_MINILM
-
-
-def _normalize_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 class Featurizer:
@@ -122,15 +118,15 @@ def key_from_embeddings(emb: np.ndarray) -> np.ndarray:
     emb = np.asarray(emb, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] == 0:
         raise ValueError(f"emb must be a non-empty (n, dim) array, got shape {emb.shape}")
-    return _normalize_rows(_normalize_rows(emb).mean(axis=0))
+    return unit_rows(unit_rows(emb).mean(axis=0))
 
 
 def style_shift_key(target_emb: np.ndarray, source_emb: np.ndarray) -> np.ndarray:
     """Normalised mean(targets) − mean(sources) over unit rows (zero if nothing changes)."""
-    shift = _normalize_rows(np.asarray(target_emb, np.float32)).mean(axis=0) - _normalize_rows(
+    shift = unit_rows(np.asarray(target_emb, np.float32)).mean(axis=0) - unit_rows(
         np.asarray(source_emb, np.float32)
     ).mean(axis=0)
-    return _normalize_rows(shift)
+    return unit_rows(shift)
 
 
 def task_key(task: Task, featurizer: Featurizer) -> TaskKey:
@@ -198,8 +194,8 @@ def task_keys(
             sums[group] = sums[group] + part if group in sums else part
     return {
         t.name: TaskKey(
-            style_key=_normalize_rows(sums[2 * i] / len(t) - sums[2 * i + 1] / len(t)),
-            input_key=_normalize_rows(sums[2 * i + 1]),
+            style_key=unit_rows(sums[2 * i] / len(t) - sums[2 * i + 1] / len(t)),
+            input_key=unit_rows(sums[2 * i + 1]),
             n_examples=len(t),
         )
         for i, t in enumerate(tasks)

@@ -1,4 +1,4 @@
-"""Batched text generation for every backbone family, optionally with per-row LoRA.
+"""Batched text generation for every backbone family, optionally with per-row adapters.
 
 Model inputs:
 - seq2seq / encoder-decoder: the tokenizer's own encoding of the text (special tokens
@@ -13,16 +13,22 @@ Model inputs:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from ray_twist.backbone import Backbone
-from ray_twist.rowlora import RowFactors, row_lora
+
+
+class RowAdapter(Protocol):
+    """Every input row its own adapter (`ray_twist.lora.RowAdapters` is one): `hooked(model,
+    rows)` is a context in which `model` runs the adapters of batch rows `rows`."""
+
+    def hooked(self, model: Any, rows: slice) -> AbstractContextManager[Any]: ...
+
 
 _SPACE_BEFORE = re.compile(r" ([.,;:!?)\]'])")
 _SPACE_AFTER = re.compile(r"([(\[']) ")
@@ -35,7 +41,7 @@ def detokenise(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> list[st
     text could not have had are removed, so outputs read as text and BLEU's tokenizer sees
     the same words as in the references."""
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    probe = tokenizer.decode(tokenizer(_SPACED_PROBE)["input_ids"], skip_special_tokens=True)
+    probe = str(tokenizer.decode(tokenizer(_SPACED_PROBE)["input_ids"], skip_special_tokens=True))
     if probe.strip().lower() == _SPACED_PROBE:
         return [t.strip() for t in texts]
     joined = (_SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", t)) for t in texts)
@@ -113,7 +119,7 @@ def generate_ids(
     input_ids: list[list[int]],
     settings: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen)
     batch_size: int = 32,
-    row_factors: Mapping[str, RowFactors] | None = None,
+    row_factors: RowAdapter | None = None,
 ) -> list[str]:
     """Decode outputs for already-encoded inputs (see `encode`), `batch_size` rows at a time.
 
@@ -129,8 +135,7 @@ def generate_ids(
         kwargs = settings.kwargs() | {"pad_token_id": tok.pad_token_id}
         hooks: AbstractContextManager[Any] = nullcontext()
         if row_factors is not None:
-            rows = slice(start, start + len(chunk))
-            hooks = row_lora(model, {name: f.select(rows) for name, f in row_factors.items()})
+            hooks = row_factors.hooked(model, slice(start, start + len(chunk)))
         with hooks:
             out = model.generate(  # type: ignore[operator]
                 input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
@@ -151,7 +156,7 @@ def generate(
     top_p: float = 1.0,
     max_input_tokens: int = 128,
     batch_size: int = 32,
-    row_factors: Mapping[str, RowFactors] | None = None,
+    row_factors: RowAdapter | None = None,
 ) -> list[str]:
     """Restyle `texts` with the backbone as loaded (merge an adapter in, or pass per-row
     `row_factors`); inputs longer than `max_input_tokens` are truncated."""

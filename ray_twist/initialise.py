@@ -16,37 +16,23 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.fs as pafs
 import torch
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from ray_twist import storage
-from ray_twist.config import DEFAULT_MERGE_ORDER, MergeOrder, MergeTargetsConfig, RetrievalSettings
 from ray_twist.data import Task
 from ray_twist.features import Featurizer, TaskKey, task_key
-from ray_twist.merge import AdapterFactors, MergeMethod, MergeSources, write_adapter
-from ray_twist.pool import Pool
-from ray_twist.retrieval import retrieval_scores
+from ray_twist.lora import write_adapter
+from ray_twist.merge import DEFAULT_MERGE_ORDER, MergeMethod, MergeOrder, MergeSources
+from ray_twist.pool import Pool, pool_merge_sources
+from ray_twist.retrieval import RetrievalSettings, retrieval_scores
+from ray_twist.settings import Settings
 
 RETRIEVAL_FILE = "twist_retrieval.json"
-
-
-_SOURCES_CACHE: dict[tuple[str, int, str, str], MergeSources] = {}
-
-
-def pool_merge_sources(
-    pool: Pool, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
-) -> MergeSources:
-    """The pool's sources as a MergeSources, cached per pool generation (QR factors included)."""
-    cache_key = (pool.uri, pool.generation, str(device), str(dtype))
-    if cache_key not in _SOURCES_CACHE:
-        template = {**pool.lora_config, "base_model_name_or_path": pool.base_model}
-        adapters = [AdapterFactors(template, pool.load_factors(name)) for name in pool.sources]
-        _SOURCES_CACHE.clear()  # one pool generation at a time keeps memory bounded
-        _SOURCES_CACHE[cache_key] = MergeSources(pool.sources, adapters, device, dtype)
-    return _SOURCES_CACHE[cache_key]
 
 
 def retrieval_weights(
@@ -205,3 +191,29 @@ def run_merge_targets(cfg: MergeTargetsConfig) -> list[str]:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
     return merge_targets(Pool.open(cfg.pool), read_targets(cfg.targets), cfg.out, cfg.rank,
                          cfg.retrieval, cfg.method, cfg.chunk_size, device, dtype)  # fmt: skip
+
+
+# ---------------------------------------------------------------- settings
+
+
+class MergeTargetsConfig(Settings):
+    """jobs/merge_targets.py: TWIST initialisations for many targets in one batched job."""
+
+    pool: str = Field(description="pool URI")
+    targets: str = Field(description="targets table: name + weights, or name + data URI")
+    out: str = Field(description="output URI; one PEFT adapter per target at <out>/<name>/")
+    rank: int = Field(default=16, ge=1, description="rank q kept from each merged SVD")
+    method: Literal["svd", "linear", "dense-svd"] = "svd"
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    chunk_size: int = Field(default=128, ge=1, description="targets per batched core SVD")
+    dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="stored adapter precision")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs for the merge task (CUDA merge)")
+
+    @model_validator(mode="after")
+    def _order_needs_truncation(self) -> MergeTargetsConfig:
+        if self.method == "linear" and self.retrieval.merge_order != DEFAULT_MERGE_ORDER:
+            raise ValueError(
+                "method linear never truncates: retrieval.merge_order truncate_then_sum needs "
+                "method svd or dense-svd"
+            )
+        return self

@@ -14,27 +14,22 @@ bulk is restyled exactly as the same row sent to the server:
    SVD (no SVD per row; rank Σ_s min(q, r_s), see `ray_twist.merge`) — or the untruncated
    Σ_s R_s ΔW_s over the stacked factors ("mixture", which no merge order affects);
 4. those as `RowFactors` for `ray_twist.generation.generate_ids`, which hooks them into the
-   plain base model (`ray_twist.rowlora`) and decodes all rows of a batch in one pass.
+   plain base model (`ray_twist.lora.rows`) and decodes all rows of a batch in one pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import numpy as np
 import torch
 
-from ray_twist.config import InstanceRetrievalSettings
 from ray_twist.features import Featurizer
-from ray_twist.initialise import pool_merge_sources
+from ray_twist.lora import ROW_MODES, RowAdapters, RowMode
 from ray_twist.merge import ModuleFactors
-from ray_twist.pool import Pool
-from ray_twist.retrieval import instance_retrieval
-from ray_twist.rowlora import MixtureStack, RowFactors, instance_factors
-
-RowMode = Literal["instance", "mixture"]
-ROW_MODES: tuple[RowMode, ...] = ("instance", "mixture")
+from ray_twist.merge.rows import MixtureStack, instance_factors
+from ray_twist.pool import Pool, pool_merge_sources
+from ray_twist.retrieval import InstanceRetrievalSettings, instance_retrieval
 
 
 def weight_dicts(names: Sequence[str], weights: np.ndarray) -> list[dict[str, float]]:
@@ -100,13 +95,13 @@ class InstanceStyler:
         p = self.settings
         return self.sources.merge(torch.from_numpy(weights).float(), p.rank, "svd", p.merge_order)
 
-    def mixture_rows(self, weights: np.ndarray) -> dict[str, RowFactors]:
+    def mixture_rows(self, weights: np.ndarray) -> RowAdapters:
         """Per-row factors of the untruncated mixtures Σ_s w_s ΔW_s."""
         if self._mixture is None:
             self._mixture = MixtureStack(self.sources, self.device)
         return self._mixture.rows(torch.from_numpy(weights).float())
 
-    def row_factors(self, weights: np.ndarray, mode: RowMode = "instance") -> dict[str, RowFactors]:
+    def row_factors(self, weights: np.ndarray, mode: RowMode = "instance") -> RowAdapters:
         """Per-row factors for `generate_ids` in either mode."""
         if mode == "mixture":
             return self.mixture_rows(weights)
@@ -117,7 +112,7 @@ class InstanceStyler:
 
     def __call__(
         self, texts: list[str], style: str | None = None, mode: RowMode = "instance"
-    ) -> tuple[dict[str, RowFactors], list[dict[str, float]]]:
+    ) -> tuple[RowAdapters, list[dict[str, float]]]:
         """Texts → (per-row factors, per-row {source → weight}); one style for all rows."""
         weights = self.weights(texts, [style] * len(texts))
         return self.row_factors(weights, mode), weight_dicts(self.names, weights)

@@ -10,14 +10,36 @@ Everything is batched over rows: T targets or T sentences at once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, Protocol
+
 import numpy as np
+from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-from ray_twist.features import TaskKey
-from ray_twist.pool import Pool
+from ray_twist.merge.factored import DEFAULT_MERGE_ORDER, MergeOrder
+from ray_twist.settings import Settings
+from ray_twist.vectors import unit_rows
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+class KeyedSources(Protocol):
+    """What retrieval reads of a pool (`ray_twist.pool.Pool` is one): the sources in column
+    order, each source's cluster key and its input key."""
+
+    @property
+    def sources(self) -> Sequence[str]: ...
+
+    @property
+    def input_keys(self) -> np.ndarray: ...
+
+    def source_cluster_keys(self) -> np.ndarray: ...
+
+
+class TaskKeys(Protocol):
+    """A task's key vectors and size (`ray_twist.features.TaskKey` is one)."""
+
+    style_key: np.ndarray
+    input_key: np.ndarray
+    n_examples: int
 
 
 def _matrix(x: np.ndarray | None, name: str, dim: int | None = None) -> np.ndarray:
@@ -63,15 +85,15 @@ def retrieval_scores(
         raise ValueError(f"weight_keys has {k_s.shape[0]} rows but there are {n} sources")
     scores = np.zeros((1, n))
     if lam > 0:
-        q_t = _unit(_matrix(task_queries, "task_queries", d))
-        scores = scores + lam * (q_t @ _unit(k_c).T)
+        q_t = unit_rows(_matrix(task_queries, "task_queries", d), np.float64)
+        scores = scores + lam * (q_t @ unit_rows(k_c, np.float64).T)
     if lam < 1:
-        q_x = _unit(_matrix(instance_queries, "instance_queries", d))
+        q_x = unit_rows(_matrix(instance_queries, "instance_queries", d), np.float64)
         if len(scores) > 1 and len(q_x) > 1 and len(q_x) != len(scores):
             raise ValueError(
                 f"task_queries has {len(scores)} rows but instance_queries has {len(q_x)}"
             )
-        scores = scores + (1 - lam) * (q_x @ _unit(k_s).T)
+        scores = scores + (1 - lam) * (q_x @ unit_rows(k_s, np.float64).T)
     scores /= tau
     k = n if top_k is None else min(int(top_k), n)
     keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -83,7 +105,7 @@ def retrieval_scores(
 
 
 def task_retrieval(
-    pool: Pool, key: TaskKey, lam: float = 0.5, tau: float = 0.1, top_k: int | None = None
+    pool: KeyedSources, key: TaskKeys, lam: float = 0.5, tau: float = 0.1, top_k: int | None = None
 ) -> dict[str, float]:
     """Source name → R_s for one target task (q_t = its style key, q_x = its input key)."""
     scores = retrieval_scores(
@@ -93,7 +115,7 @@ def task_retrieval(
 
 
 def instance_retrieval(
-    pool: Pool,
+    pool: KeyedSources,
     input_embeddings: np.ndarray,
     lam: float = 0.5,
     tau: float = 0.1,
@@ -112,3 +134,42 @@ def instance_retrieval(
     return retrieval_scores(
         task, inputs, pool.source_cluster_keys(), pool.input_keys, lam, tau, top_k
     )
+
+
+# ---------------------------------------------------------------- settings
+
+
+class RetrievalSettings(Settings):
+    """R_s = softmax((λ·cos(q_t, k_c) + (1−λ)·cos(q_x, k_s)) / τ) over the top-k sources,
+    and the order (`merge_order`) in which the R_s-weighted merge truncates to rank q.
+
+    `merge_order` lives here because these settings reach every merge (adapt, init/merge,
+    merge_targets, serving, bulk restyle, the study). Dumps leave it out while it is the
+    default, so run names, hashes and resume records written before it existed stay valid.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+
+    lam: float = Field(default=0.5, ge=0.0, le=1.0, alias="lambda",
+                       description="1 = task level (cluster keys) only, 0 = instance level only")  # fmt: skip
+    tau: float = Field(default=0.1, gt=0.0, description="softmax temperature")
+    top_k: int | None = Field(default=None, ge=1, description="keep the k best sources")
+    merge_order: MergeOrder = Field(
+        default=DEFAULT_MERGE_ORDER,
+        description="sum_then_truncate: top-q SVD of Σ R_s ΔW_s (rank q); truncate_then_sum: "
+        "Σ R_s·top-q SVD(ΔW_s), stored exactly (rank Σ min(q, r_s) over sources with R_s ≠ 0)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_merge_order(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("merge_order") == DEFAULT_MERGE_ORDER:
+            del data["merge_order"]
+        return data
+
+
+class InstanceRetrievalSettings(RetrievalSettings):
+    """Per-sentence retrieval (instance and mixture modes) and the instance-mode merge rank;
+    serving (`retrieval:` of a serve config) and bulk restyling share it."""
+
+    rank: int = Field(default=8, ge=1, description="rank q of the truncated SVD merge")

@@ -6,8 +6,11 @@ S3-compatible endpoints (MinIO, moto) are reached through `AWS_ENDPOINT_URL` or 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -95,7 +98,21 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
     pafs.copy_files(str(Path(local_dir).absolute()), path, destination_filesystem=fs)
 
 
-def download_dir(uri: str, local_dir: str | Path) -> None:
+def download_dir(uri: str | Path, local_dir: str | Path) -> None:
     fs, path = resolve(uri)
     Path(local_dir).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(Path(local_dir).absolute()), source_filesystem=fs)
+
+
+@contextlib.contextmanager
+def local_dir(uri: str | Path) -> Iterator[str]:
+    """`with local_dir(uri) as path:` a local path for a directory URI: the directory itself
+    when local, else a temporary copy, removed on exit. The one way to read a remote adapter
+    or model dir with tools that want a path (PEFT, transformers)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="ray-twist-") as tmp:
+        download_dir(uri, tmp)
+        yield tmp

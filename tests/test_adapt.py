@@ -12,22 +12,16 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from ray_twist.adapt import ADAPT_FILE, adapt, init_adapter, run_name
+from ray_twist.adapt import ADAPT_FILE, INIT_METHODS, AdaptConfig, adapt, init_adapter, run_name
 from ray_twist.backbone import load_backbone
-from ray_twist.config import (
-    INIT_METHODS,
-    AdaptConfig,
-    DeepSpeedSettings,
-    ResourceSettings,
-    RetrievalSettings,
-    StudyConfig,
-    TrainingSettings,
-)
 from ray_twist.data import Task, apply_style, make_task
 from ray_twist.features import Featurizer, task_key
 from ray_twist.initialise import RETRIEVAL_FILE
 from ray_twist.pool import Pool
-from ray_twist.study import build_world_backbone, plan_runs, summarise
+from ray_twist.recipes.study import build_world_backbone, plan_runs, summarise
+from ray_twist.recipes.study.config import StudyConfig
+from ray_twist.retrieval import RetrievalSettings
+from ray_twist.train.config import DeepSpeedSettings, ResourceSettings, TrainingSettings
 
 FAST = TrainingSettings(
     epochs=2,
@@ -245,8 +239,8 @@ def test_summarise_means_and_spread() -> None:
 
 
 def test_world_backbone_is_a_loadable_seq2seq(tmp_path: Path) -> None:
-    from ray_twist.config import WorldBackboneSettings
     from ray_twist.generation import generate
+    from ray_twist.recipes.study.config import WorldBackboneSettings
 
     path = build_world_backbone(str(tmp_path / "base"), WorldBackboneSettings(pretrain_steps=2))
     backbone = load_backbone(path)

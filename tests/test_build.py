@@ -15,7 +15,7 @@ from ray_nodes import local_cluster, submit_job, wait_for_job
 from rich.console import Console
 from safetensors.torch import load_file
 
-import ray_twist.build as build_module
+import ray_twist.build.pipeline as build_module
 from ray_twist.backbone import load_backbone
 from ray_twist.build import (
     BuildPoolError,
@@ -26,10 +26,11 @@ from ray_twist.build import (
     summary_table,
     training_hash,
 )
-from ray_twist.build_progress import latest_state
-from ray_twist.config import BuildPoolConfig, ConfigError, load_yaml
+from ray_twist.build.config import BuildPoolConfig
+from ray_twist.build.progress import latest_state
 from ray_twist.features import Featurizer, task_key
 from ray_twist.pool import Pool, PoolMismatchError
+from ray_twist.settings import ConfigError, load_yaml
 from ray_twist.train import TrainManyError, TrainResult
 
 REPO = Path(__file__).resolve().parents[1]

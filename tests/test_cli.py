@@ -11,9 +11,9 @@ from peft import PeftModel
 from ray_twist.backbone import load_backbone
 from ray_twist.cli import main
 from ray_twist.data import make_task, write_task_jsonl
-from ray_twist.initialise import RETRIEVAL_FILE, pool_merge_sources
-from ray_twist.merge import read_adapter
-from ray_twist.pool import Pool
+from ray_twist.initialise import RETRIEVAL_FILE
+from ray_twist.lora import read_adapter
+from ray_twist.pool import Pool, pool_merge_sources
 
 
 def test_pool_show_json(t5_pool, capsys) -> None:

@@ -30,8 +30,8 @@ def test_every_listed_artefact_exists(demo):
 
 
 def test_pool_has_the_quick_sources(demo):
-    from ray_twist.demo import QUICK_SOURCES, TARGET
     from ray_twist.pool import Pool
+    from ray_twist.recipes.demo import QUICK_SOURCES, TARGET
 
     pool = Pool.open(demo["artefacts"]["pool"])
     assert sorted(pool.sources) == sorted(QUICK_SOURCES)

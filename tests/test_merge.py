@@ -7,13 +7,8 @@ import torch
 from peft import PeftModel
 
 from ray_twist.backbone import load_backbone, save_random_lora
-from ray_twist.merge import (
-    MergeSources,
-    dense_svd_merge,
-    merge_lora_factors,
-    read_adapter,
-    write_adapter,
-)
+from ray_twist.lora import read_adapter, write_adapter
+from ray_twist.merge import MergeSources, dense_svd_merge, merge_lora_factors
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:

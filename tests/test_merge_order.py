@@ -13,26 +13,21 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 
+from ray_twist.adapt import AdaptConfig
 from ray_twist.backbone import Backbone, load_backbone, save_random_lora
-from ray_twist.config import (
-    MERGE_ORDERS,
-    AblationSettings,
-    AdaptConfig,
-    InstanceRetrievalSettings,
-    MergeOrder,
-    MergeTargetsConfig,
-    RestyleCorpusConfig,
-    RetrievalSettings,
-    StudyConfig,
-)
+from ray_twist.initialise import MergeTargetsConfig
+from ray_twist.lora import read_adapter, write_adapter
 from ray_twist.merge import (
+    MERGE_ORDERS,
+    MergeOrder,
     MergeSources,
     TruncatedStack,
     dense_svd_merge,
     merge_lora_factors,
-    read_adapter,
-    write_adapter,
 )
+from ray_twist.recipes.study.config import AblationSettings, StudyConfig
+from ray_twist.restyle.config import RestyleCorpusConfig
+from ray_twist.retrieval import InstanceRetrievalSettings, RetrievalSettings
 
 TTS: MergeOrder = "truncate_then_sum"
 
@@ -143,7 +138,7 @@ def test_bad_orders_are_refused() -> None:
 
 
 def _adapters(a: list, b: list):
-    from ray_twist.merge import AdapterFactors
+    from ray_twist.lora import AdapterFactors
 
     return [AdapterFactors({}, {"m": (x, y)}) for x, y in zip(a, b, strict=True)]
 
@@ -316,8 +311,8 @@ def test_serving_engine_instance_mode_uses_the_order(t5_pool, tmp_path: Path) ->
     """A real serving engine (no HTTP): instance-mode outputs equal PEFT with an adapter
     merged, truncate_then_sum, from each row's reported weights."""
     from ray_twist.generation import generate
-    from ray_twist.initialise import merge_weighted, pool_merge_sources
-    from ray_twist.pool import Pool
+    from ray_twist.initialise import merge_weighted
+    from ray_twist.pool import Pool, pool_merge_sources
     from ray_twist.serve.api import RestyleRequest
     from ray_twist.serve.config import ServeConfig
     from ray_twist.serve.engine import Engine
@@ -382,7 +377,7 @@ def test_restyle_takes_the_order(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_study_sweeps_the_merge_order() -> None:
-    from ray_twist.study import plan_runs
+    from ray_twist.recipes.study import plan_runs
 
     config = StudyConfig(out="x")
     assert config.ablations == AblationSettings()

@@ -11,9 +11,9 @@ import yaml
 from peft import PeftModel
 
 from ray_twist.backbone import load_backbone
-from ray_twist.initialise import merge_weighted, pool_merge_sources
-from ray_twist.merge import read_adapter
-from ray_twist.pool import Pool
+from ray_twist.initialise import merge_weighted
+from ray_twist.lora import read_adapter
+from ray_twist.pool import Pool, pool_merge_sources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import merge_targets as merge_targets_job  # noqa: E402

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -28,18 +29,18 @@ from ray_twist.backbone import (
     save_random_lora,
 )
 from ray_twist.cli import main
-from ray_twist.config import (
+from ray_twist.data import make_task, write_task_jsonl
+from ray_twist.evaluate import bleu_scores
+from ray_twist.serve.app import prepare
+from ray_twist.serve.config import ServeConfig
+from ray_twist.train import train_lora
+from ray_twist.train.config import (
     DeepSpeedSettings,
     FaultSettings,
     LoraSettings,
     ResourceSettings,
     TrainingSettings,
 )
-from ray_twist.data import make_task, write_task_jsonl
-from ray_twist.evaluate import bleu_scores
-from ray_twist.serve.app import prepare
-from ray_twist.serve.config import ServeConfig
-from ray_twist.train import train_lora
 
 SHORT = TrainingSettings(
     epochs=1, max_steps=2, lr=1e-2, batch_size=4, max_source_length=16, max_target_length=16,
@@ -319,19 +320,17 @@ def test_the_load_report_is_one_line_once_per_process(
     t5_missing_a_weight: str,
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """No transformers table (or progress bar) per load; one warning per model path."""
-    import ray_twist.backbone
-
-    monkeypatch.setattr(ray_twist.backbone, "_REPORTED_NEW_WEIGHTS", set())  # a fresh process
+    model = str(shutil.copytree(t5_missing_a_weight, tmp_path / "t5"))  # a path not yet loaded
     with caplog.at_level(logging.WARNING, logger="ray_twist.backbone"):
         for _ in range(2):
-            load_backbone(t5_missing_a_weight)
+            load_backbone(model)
         load_backbone(packaged_minilm_path())  # a warm start: 66 new weights
     ours = [r.getMessage() for r in caplog.records if r.name == "ray_twist.backbone"]
-    assert [m for m in ours if t5_missing_a_weight in m] == [
-        f"base model {t5_missing_a_weight}: 1 weights were newly initialised at load (not in "
+    assert [m for m in ours if model in m] == [
+        f"base model {model}: 1 weights were newly initialised at load (not in "
         "the checkpoint): decoder.block.*.layer (1)"
     ]
     err = capfd.readouterr().err

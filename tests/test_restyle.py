@@ -16,20 +16,21 @@ from peft import PeftModel
 
 from ray_twist.backbone import Backbone, load_backbone, save_random_lora
 from ray_twist.cli import main
-from ray_twist.config import RestyleCorpusConfig, load_yaml
 from ray_twist.generation import generate
-from ray_twist.initialise import merge_weighted, pool_merge_sources
-from ray_twist.merge import MergeSources, read_adapter
-from ray_twist.pool import Pool
+from ray_twist.initialise import merge_weighted
+from ray_twist.lora import RowAdapters, read_adapter
+from ray_twist.merge import MergeSources
+from ray_twist.merge.rows import instance_factors
+from ray_twist.pool import Pool, pool_merge_sources
 from ray_twist.restyle import (
-    FAIL_AFTER_PARTS_ENV,
     SUMMARY_FILE,
     done_ids,
     restyle_corpus,
     text_id,
 )
+from ray_twist.restyle.config import RestyleCorpusConfig
 from ray_twist.restyle.inputs import _line_rows
-from ray_twist.rowlora import RowFactors, instance_factors
+from ray_twist.settings import load_yaml
 
 # Ray workers cannot import this test module: ship the toy row styler below by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -104,20 +105,27 @@ def test_full_run_is_complete_and_equals_generate(setup, full_run) -> None:
     assert errors["b3"].startswith("too long:") and "max_input_tokens=32" in errors["b3"]
 
 
-def test_killed_run_resumes_to_the_same_output(setup, full_run, monkeypatch) -> None:
+def _block_errors_dir(out: Path) -> None:
+    """A fault from outside: a plain file where the run writes `_errors/`, so the first part
+    with bad rows fails to write and the run dies after the parts before it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "_errors").write_text("in the way")
+
+
+def test_killed_run_resumes_to_the_same_output(setup, full_run) -> None:
     out = Path(setup["root"]) / "resumed"
     args = (f"{setup['root']}/corpus.parquet", str(out), setup["base"], setup["adapter"])
-    monkeypatch.setenv(FAIL_AFTER_PARTS_ENV, "2")
-    with pytest.raises(Exception, match="injected failure"):
+    _block_errors_dir(out)  # the bad rows are the corpus's last part
+    with pytest.raises(Exception, match="_errors"):
         restyle_corpus(*args, **RUN)
-    partial = len(done_ids(str(out)))  # ids in output parts (+ errors, if any yet)
+    (out / "_errors").unlink()
+    partial = len(done_ids(str(out)))  # ids in output parts written before the failure
     n = len(GOOD) + len(BAD)
     assert 0 < partial < n
     assert json.loads((out / SUMMARY_FILE).read_text())["status"] == "running"
     with pytest.raises(ValueError, match="different settings.*settings"):
         restyle_corpus(*args, **{**RUN, "max_new_tokens": 7})
 
-    monkeypatch.delenv(FAIL_AFTER_PARTS_ENV)
     summary = restyle_corpus(*args, **RUN)
     assert summary["rows_skipped_existing"] == partial
     assert summary["rows_processed"] == n - partial
@@ -163,7 +171,7 @@ class _LengthStyler:
     def __init__(self, adapters: list[str]) -> None:
         self.sources = MergeSources(["a", "b"], [read_adapter(a) for a in adapters])
 
-    def __call__(self, texts: list[str]) -> tuple[dict[str, RowFactors], list[dict[str, float]]]:
+    def __call__(self, texts: list[str]) -> tuple[RowAdapters, list[dict[str, float]]]:
         share = torch.tensor([min(len(t) / 60, 1.0) for t in texts])
         weights = torch.stack([share, 1 - share], dim=1)
         names = self.sources.names
@@ -203,9 +211,9 @@ def test_modes_need_their_source_of_style(setup) -> None:
 
 
 def test_instance_mode_resumes_and_each_row_equals_peft_with_its_merge(
-    t5_pool, ray_session, tmp_path, monkeypatch, capsys
+    t5_pool, ray_session, tmp_path, capsys
 ) -> None:
-    """Per-row retrieval + rank-q merge over a pool, killed after one part and finished by
+    """Per-row retrieval + rank-q merge over a pool, killed at its last part and finished by
     `twist restyle --pool`: every row's output equals that row alone through PEFT with an
     adapter merged from the row's own recorded weights."""
     pool_uri, base = t5_pool
@@ -213,13 +221,13 @@ def test_instance_mode_resumes_and_each_row_equals_peft_with_its_merge(
     source = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": [*ids, "bad"], "text": [*texts, " "]}), source)
     out = tmp_path / "out"
-    monkeypatch.setenv(FAIL_AFTER_PARTS_ENV, "1")
-    with pytest.raises(Exception, match="injected failure"):
+    _block_errors_dir(out)  # the bad row is in the last part
+    with pytest.raises(Exception, match="_errors"):
         restyle_corpus(str(source), str(out), pool=pool_uri, rank=2, top_k=2, batch_size=4,
                        max_new_tokens=6, rows_per_part=4)  # fmt: skip
+    (out / "_errors").unlink()
     partial = len(done_ids(str(out)))
     assert 0 < partial < len(ids) + 1
-    monkeypatch.delenv(FAIL_AFTER_PARTS_ENV)
     cli = ["restyle", "--pool", pool_uri, "--input", str(source), "--output", str(out),
            "--mode", "instance", "--rank", "2", "--top-k", "2", "--batch-size", "4",
            "--max-new-tokens", "6"]  # fmt: skip

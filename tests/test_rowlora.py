@@ -18,15 +18,10 @@ from ray_twist.generation import (
     generate,
     pad_inputs,
 )
-from ray_twist.merge import MergeSources, read_adapter, write_adapter
-from ray_twist.rowlora import (
-    MixtureStack,
-    RowFactors,
-    RowLoRA,
-    instance_factors,
-    per_row_factors,
-    row_lora,
-)
+from ray_twist.lora import RowFactors, per_row_factors, read_adapter, row_lora, write_adapter
+from ray_twist.lora.rows import RowLoRA
+from ray_twist.merge import MergeSources
+from ray_twist.merge.rows import MixtureStack, instance_factors
 
 KINDS = ["t5", "gpt2", "llama", "bert2bert"]
 TEXTS = [

@@ -19,12 +19,13 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ray_twist.backbone import Backbone, load_backbone, save_random_lora
-from ray_twist.config import ConfigError, load_yaml
 from ray_twist.features import TaskKey
 from ray_twist.generation import generate
-from ray_twist.merge import MergeSources, read_adapter, write_adapter
+from ray_twist.lora import read_adapter, write_adapter
+from ray_twist.merge import MergeSources
 from ray_twist.pool import Pool, SourceEntry, add_sources
 from ray_twist.serve import ServeConfig, app_builder, run
+from ray_twist.settings import ConfigError, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "twist-test"

@@ -32,8 +32,8 @@ import numpy as np
 from ray_twist import storage
 from ray_twist.base.config import BaseBuildConfig, CopyNoiseSettings
 from ray_twist.base.warm_start import used_token_ids, warm_start
-from ray_twist.config import ResourceSettings, TrainingSettings
 from ray_twist.data.denoise import corrupt
+from ray_twist.train.config import ResourceSettings, TrainingSettings
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -152,8 +152,8 @@ def _copy_pairs_batch(
 def _copy_bleu(model_dir: str, lines: list[str], max_length: int) -> tuple[float, list[str]]:
     """Lowercased corpus BLEU of the model's copy of each line against the line itself."""
     from ray_twist.backbone import load_backbone
-    from ray_twist.evaluate.metrics import bleu_scores
     from ray_twist.generation import generate
+    from ray_twist.metrics import bleu_scores
 
     backbone = load_backbone(model_dir)
     outputs = generate(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from ray_twist.config import DeepSpeedSettings, ResourceSettings, Settings
+from ray_twist.settings import Settings
+from ray_twist.train.config import DeepSpeedSettings, ResourceSettings
 
 __all__ = ["BaseBuildConfig", "CopyNoiseSettings"]
 

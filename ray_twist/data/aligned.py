@@ -39,8 +39,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from ray_twist.config import Settings
 from ray_twist.data.readers import DataError, jsonl_objects
+from ray_twist.settings import Settings
 
 __all__ = [
     "AlignedCorpusSettings",

@@ -1,14 +1,6 @@
 """Evaluation: style classifier, BLEU, G-score, per-example reports, and the study's plots."""
 
 from ray_twist.evaluate.classifier import StyleClassifier
-from ray_twist.evaluate.metrics import (
-    EvalReport,
-    ExampleScore,
-    bleu_scores,
-    detokenize,
-    g_score,
-    score,
-)
 from ray_twist.evaluate.run import (
     AdapterMismatchError,
     JudgeOnTestError,
@@ -21,6 +13,7 @@ from ray_twist.evaluate.run import (
     tokenizer_lowercases,
     write_report,
 )
+from ray_twist.metrics import EvalReport, ExampleScore, bleu_scores, detokenize, g_score, score
 
 __all__ = [
     "AdapterMismatchError",

@@ -32,9 +32,9 @@ from ray_twist.data.readers import DataError, read_records
 from ray_twist.data.synthetic import STYLES, check_style
 from ray_twist.data.task import Task
 from ray_twist.evaluate.classifier import StyleClassifier
-from ray_twist.evaluate.metrics import EvalReport, score
 from ray_twist.generation import GenerationSettings, encode, generate_ids
-from ray_twist.train import IGNORE_INDEX, _local_dir, tokenize_pairs
+from ray_twist.metrics import EvalReport, score
+from ray_twist.train import IGNORE_INDEX, tokenize_pairs
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -116,7 +116,7 @@ def read_test_set(uri: str, format: str | None = None) -> TestSet:
 
 def _check_fits(model: torch.nn.Module, adapter_dir: str, base_model: str) -> None:
     """Refuse an adapter whose LoRA modules are missing from the base or have other shapes."""
-    from ray_twist.merge import read_adapter
+    from ray_twist.lora import read_adapter
 
     adapter = read_adapter(adapter_dir)
     transpose = bool(adapter.config.get("fan_in_fan_out"))
@@ -161,7 +161,7 @@ def load_adapted(
     from peft import PeftModel
 
     base = base_model or adapter_base_model(adapter_dir)
-    with _local_dir(adapter_dir) as local:
+    with storage.local_dir(adapter_dir) as local:
         adapter_base_model(local)  # a clear error for a missing or foreign dir
         backbone = load_backbone(base, device=device)
         _check_fits(backbone.model, local, base)

@@ -1,6 +1,8 @@
-"""Factored SVD merge of LoRA factors (batched, CPU/GPU) and PEFT adapter interop."""
+"""Merging LoRA factors: the factored SVD merge (batched, CPU/GPU, both merge orders), a pool's
+sources as one factor stack, and per-row mixtures. Adapter I/O is in `ray_twist.lora`."""
 
 from ray_twist.merge.factored import (
+    DEFAULT_MERGE_ORDER,
     MERGE_METHODS,
     MERGE_ORDERS,
     FactorStack,
@@ -11,14 +13,10 @@ from ray_twist.merge.factored import (
     merge_lora_factors,
     truncate_factors,
 )
-from ray_twist.merge.peft_io import AdapterFactors, AdapterFormatError, read_adapter, write_adapter
 from ray_twist.merge.sources import MergeSources, ModuleFactors
 
 __all__ = [
-    "AdapterFactors",
-    "AdapterFormatError",
-    "read_adapter",
-    "write_adapter",
+    "DEFAULT_MERGE_ORDER",
     "MERGE_METHODS",
     "MERGE_ORDERS",
     "MergeSources",

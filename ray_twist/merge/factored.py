@@ -33,7 +33,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ray_twist.config import DEFAULT_MERGE_ORDER, MERGE_ORDERS, MergeOrder
+#: The order of a rank-q merge's two steps (`ray_twist.merge.factored` has the maths):
+#: `sum_then_truncate` takes the top-q SVD of ΔW_t = Σ_s R_s ΔW_s (rank q, as PEFT's
+#: `add_weighted_adapter(combination_type="svd")`); `truncate_then_sum` sums the sources' own
+#: top-q SVDs, Σ_s R_s trunc_q(ΔW_s), kept exactly: rank Σ_s min(q, r_s) over the sources
+#: with R_s ≠ 0 (up to N·q), not q.
+MergeOrder = Literal["sum_then_truncate", "truncate_then_sum"]
+MERGE_ORDERS: tuple[MergeOrder, ...] = ("sum_then_truncate", "truncate_then_sum")
+DEFAULT_MERGE_ORDER: MergeOrder = "sum_then_truncate"
+
 
 __all__ = [
     "MERGE_METHODS",

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ray_twist.config import DEFAULT_MERGE_ORDER, MergeOrder
+from ray_twist.lora.peft_io import AdapterFactors
+from ray_twist.merge import DEFAULT_MERGE_ORDER, MergeOrder
 from ray_twist.merge.factored import FactorStack, MergeMethod, TruncatedStack, merge_lora_factors
-from ray_twist.merge.peft_io import AdapterFactors
 
 ModuleFactors = dict[str, tuple[Tensor, Tensor]]
 

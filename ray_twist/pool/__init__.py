@@ -24,6 +24,7 @@ share one base model (config hash), one LoRA layout and one featurizer
 """
 
 from ray_twist.pool.clustering import cluster_keys
+from ray_twist.pool.factors import pool_merge_sources
 from ray_twist.pool.format import (
     FORMAT_VERSION,
     MANIFEST,
@@ -45,5 +46,6 @@ __all__ = [
     "SourceEntry",
     "add_sources",
     "cluster_keys",
+    "pool_merge_sources",
     "validate_name",
 ]

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from ray_twist.pool.format import _normalize_rows
+from ray_twist.vectors import unit_rows
 
 
 def _eigengap_k(affinity: np.ndarray) -> int:
@@ -27,7 +27,7 @@ def cluster_keys(
     (N=1: one cluster; N=2: one if cosine ≥ 0.9). Labels are numbered by first appearance,
     so the result is deterministic for a given input order and seed.
     """
-    keys = _normalize_rows(keys).astype(np.float64)
+    keys = unit_rows(keys).astype(np.float64)
     n = len(keys)
     if keys.ndim != 2 or n == 0:
         raise ValueError(f"keys must be a non-empty (N, d) array, got shape {keys.shape}")
@@ -56,4 +56,4 @@ def cluster_keys(
     order = {c: i for i, c in enumerate(dict.fromkeys(raw.tolist()))}
     labels = np.array([order[c] for c in raw.tolist()], dtype=np.int64)
     centroids = np.stack([keys[labels == c].mean(axis=0) for c in range(len(order))])
-    return labels, _normalize_rows(centroids)
+    return labels, unit_rows(centroids)

@@ -53,11 +53,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _normalize_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def _check_relpath(rel: str) -> str:
     parts = rel.split("/")
     if not all(_NAME_RE.match(p) and ".." not in p for p in parts):

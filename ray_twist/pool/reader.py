@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from ray_twist import storage
-from ray_twist.merge.peft_io import lora_factors
+from ray_twist.lora.peft_io import lora_factors
 from ray_twist.pool.format import (
     ADAPTER_WEIGHTS,
     MANIFEST,

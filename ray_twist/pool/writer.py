@@ -13,8 +13,7 @@ import pyarrow.fs as pafs
 from safetensors import safe_open
 
 from ray_twist import storage
-from ray_twist.backbone import config_hash
-from ray_twist.features import DEFAULT_FEATURIZER, TaskKey
+from ray_twist.backbone import PACKAGED_MINILM, config_hash
 from ray_twist.pool.clustering import cluster_keys
 from ray_twist.pool.format import (
     _GENERATION_FILE_RE,
@@ -28,13 +27,14 @@ from ray_twist.pool.format import (
     _check_relpath,
     _json_default,
     _lora_layout,
-    _normalize_rows,
     _sha256,
     _table_bytes,
     log,
     validate_name,
 )
 from ray_twist.pool.reader import Pool
+from ray_twist.retrieval import TaskKeys
+from ray_twist.vectors import unit_rows
 
 
 @dataclass
@@ -43,7 +43,7 @@ class SourceEntry:
 
     name: str
     adapter_dir: str | Path
-    key: TaskKey
+    key: TaskKeys  # a `features.TaskKey`: the style and input key vectors
     metrics: dict[str, Any] = field(default_factory=dict)
     data_hash: str = ""
 
@@ -98,11 +98,11 @@ def _check_same(what: str, ours: Any, theirs: Any, context: str, other: str = "t
         )
 
 
-def _entry_key(key: TaskKey, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _entry_key(key: TaskKeys, name: str) -> tuple[np.ndarray, np.ndarray]:
     style, inp = np.asarray(key.style_key), np.asarray(key.input_key)
     if style.ndim != 1 or style.shape != inp.shape or not np.all(np.isfinite(style)):
         raise ValueError(f"source {name!r}: key.style_key/input_key must be finite (d,) vectors")
-    return _normalize_rows(style), _normalize_rows(inp)
+    return unit_rows(style), unit_rows(inp)
 
 
 def _tables(
@@ -139,7 +139,7 @@ def add_sources(
     uri: str | Path,
     entries: list[SourceEntry],
     base_model: str,
-    featurizer: str = DEFAULT_FEATURIZER,
+    featurizer: str = PACKAGED_MINILM,  # = features.DEFAULT_FEATURIZER
     n_clusters: int | None = None,
     seed: int = 0,
 ) -> Pool:

@@ -26,18 +26,15 @@ Modes:
     mixture   `pool=URI`: per row, the untruncated retrieval-weighted sum of the sources
 Both pool modes run `ray_twist.instance.InstanceStyler`, the code serving uses, loaded once
 per actor; a part's rows are retrieved and merged together and decoded `batch_size` rows per
-forward pass with per-row LoRA hooks (`ray_twist.rowlora`). Other per-row stylers plug in
+forward pass with per-row LoRA hooks (`ray_twist.lora.rows`). Other per-row stylers plug in
 through `row_styler`: a factory, built once per actor from the loaded base model, mapping a
 batch of texts to per-row factors and source weights.
 """
 
 from ray_twist.restyle.actor import (
     ERRORS_DIR,
-    FAIL_AFTER_PARTS_ENV,
-    MODES,
     SUMMARY_FILE,
     WEIGHTS_TYPE,
-    Mode,
     RestyleJob,
     Restyler,
     RowStyler,
@@ -48,12 +45,9 @@ from ray_twist.restyle.inputs import InputFormat, detect_input_format, read_rows
 
 __all__ = [
     "ERRORS_DIR",
-    "FAIL_AFTER_PARTS_ENV",
-    "MODES",
     "SUMMARY_FILE",
     "WEIGHTS_TYPE",
     "InputFormat",
-    "Mode",
     "RestyleJob",
     "Restyler",
     "RowStyler",

@@ -4,35 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
 from ray_twist import storage
 from ray_twist.backbone import Backbone, load_backbone
-from ray_twist.config import InstanceRetrievalSettings
 from ray_twist.generation import GenerationSettings, encode, generate_ids
-from ray_twist.rowlora import RowFactors
+from ray_twist.lora import Mode, RowAdapters
+from ray_twist.retrieval import InstanceRetrievalSettings
 
-Mode = Literal["adapted", "instance", "mixture"]
-MODES: tuple[Mode, ...] = ("adapted", "instance", "mixture")
 #: Texts of a batch → (per-row LoRA factors by module, per-row {source → weight}).
-RowStyler = Callable[[list[str]], tuple[dict[str, RowFactors], list[dict[str, float]]]]
+RowStyler = Callable[[list[str]], tuple[RowAdapters, list[dict[str, float]]]]
 #: Built once per actor from the loaded base model.
 RowStylerFactory = Callable[[Backbone], RowStyler]
 
-#: Test hook: actors raise after writing this many parts (a run "killed" half-way).
-FAIL_AFTER_PARTS_ENV = "RAY_TWIST_RESTYLE_FAIL_AFTER_PARTS"
 ERRORS_DIR, SUMMARY_FILE = "_errors", "_summary.json"
 OUTPUT_SCHEMA = pa.schema(
     [("id", pa.string()), ("input", pa.string()), ("output", pa.string()), ("style", pa.string())]
@@ -76,16 +70,6 @@ class RestyleJob:
         }
 
 
-def _local_adapter(uri: str) -> str:
-    """An adapter URI as a local directory (object-store adapters are copied once)."""
-    fs, path = storage.resolve(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        return path
-    local = tempfile.mkdtemp(prefix="twist-adapter-")
-    storage.download_dir(uri, local)
-    return local
-
-
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
@@ -94,7 +78,8 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 def _pool_styler(job: RestyleJob, device: str) -> RowStyler:
     """The pool-backed per-row styler, the code serving uses (`ray_twist.instance`)."""
-    from ray_twist.instance import InstanceStyler, RowMode
+    from ray_twist.instance import InstanceStyler
+    from ray_twist.lora import RowMode
     from ray_twist.pool import Pool
 
     pool = Pool.open(str(job.pool))
@@ -112,9 +97,7 @@ class Restyler:
     """Ray Data actor: loads the base model (+ adapter, or pool) once, then per call restyles
     the rows not yet done and writes their outputs and errors as one part file each."""
 
-    def __init__(
-        self, job: RestyleJob, done_ids: frozenset[str], fail_after_parts: int | None = None
-    ) -> None:
+    def __init__(self, job: RestyleJob, done_ids: frozenset[str]) -> None:
         torch.set_num_threads(max(1, round(job.num_cpus)))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.job, self.done = job, done_ids
@@ -122,22 +105,18 @@ class Restyler:
         if job.adapter is not None and job.mode == "adapted":
             from peft import PeftModel
 
-            peft = PeftModel.from_pretrained(self.backbone.model, _local_adapter(job.adapter))
-            self.backbone.model = peft.merge_and_unload().eval()
+            with storage.local_dir(job.adapter) as adapter:
+                peft = PeftModel.from_pretrained(self.backbone.model, adapter)
+                self.backbone.model = peft.merge_and_unload().eval()
         self.row_styler: RowStyler | None = None
         if job.pool is not None:
             self.row_styler = _pool_styler(job, device)
         elif job.row_styler is not None:
             self.row_styler = job.row_styler(self.backbone)
         self.style = job.style or (Path(job.adapter).name if job.adapter else None)
-        self.fail_after, self.parts = fail_after_parts, 0
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        if self.fail_after is not None and self.parts >= self.fail_after:
-            raise RuntimeError(
-                f"injected failure after {self.parts} parts ({FAIL_AFTER_PARTS_ENV})"
-            )
         rows = [r for r in batch.to_pylist() if r["id"] not in self.done]
         errors = [(r, r["reason"]) for r in rows if r["reason"]]
         good = [r for r in rows if not r["reason"]]
@@ -161,7 +140,6 @@ class Restyler:
             self._write(f"{ERRORS_DIR}/{name}.parquet", table)
         if output is not None:
             self._write(f"{name}.parquet", output)
-        self.parts += 1
         seconds = time.perf_counter() - start
         counts = {"rows": batch.num_rows, "written": len(good), "errors": len(errors)}
         return {"seconds": np.array([seconds]), **{k: np.array([v]) for k, v in counts.items()}}

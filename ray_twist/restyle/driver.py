@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -11,19 +10,12 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ray_twist import storage
-from ray_twist.config import InstanceRetrievalSettings, RestyleCorpusConfig
 from ray_twist.generation import GenerationSettings
-from ray_twist.restyle.actor import (
-    ERRORS_DIR,
-    FAIL_AFTER_PARTS_ENV,
-    MODES,
-    SUMMARY_FILE,
-    Mode,
-    RestyleJob,
-    Restyler,
-    RowStylerFactory,
-)
+from ray_twist.lora import MODES, Mode
+from ray_twist.restyle.actor import ERRORS_DIR, SUMMARY_FILE, RestyleJob, Restyler, RowStylerFactory
+from ray_twist.restyle.config import RestyleCorpusConfig
 from ray_twist.restyle.inputs import detect_input_format, read_rows
+from ray_twist.retrieval import InstanceRetrievalSettings
 
 
 def done_ids(output_uri: str) -> frozenset[str]:
@@ -209,17 +201,12 @@ def restyle_corpus(
     )  # fmt: skip
     _start_record(output_uri, job)
     done = done_ids(output_uri)
-    fail_after = os.environ.get(FAIL_AFTER_PARTS_ENV)
     rows = read_rows(
         input_uri, detect_input_format(input_uri, input_format), text_column, id_column
     )
     stats = rows.map_batches(
         Restyler,
-        fn_constructor_kwargs={
-            "job": job,
-            "done_ids": done,
-            "fail_after_parts": int(fail_after) if fail_after else None,
-        },
+        fn_constructor_kwargs={"job": job, "done_ids": done},
         batch_size=rows_per_part,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1]),

@@ -9,7 +9,7 @@ validators as pydantic validation context.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -21,10 +21,8 @@ from pydantic import (
     field_validator,
 )
 
+from ray_twist.lora.rows import Mode
 from ray_twist.serve.config import LimitSettings
-
-Mode = Literal["adapted", "instance", "mixture"]
-MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 class ApiError(Exception):

@@ -27,7 +27,6 @@ from ray.serve import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
-from ray_twist.config import ConfigError, format_validation_error, load_yaml
 from ray_twist.merge import ModuleFactors
 from ray_twist.pool import Pool
 from ray_twist.serve.api import (
@@ -39,6 +38,7 @@ from ray_twist.serve.api import (
 )
 from ray_twist.serve.config import ServeConfig
 from ray_twist.serve.engine import Catalog, Engine, Work
+from ray_twist.settings import ConfigError, format_validation_error, load_yaml
 from ray_twist.storage import absolute, absolute_or_none
 
 _UNAVAILABLE = (

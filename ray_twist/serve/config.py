@@ -10,8 +10,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ray_twist.config import InstanceRetrievalSettings, Settings
 from ray_twist.pool import validate_name
+from ray_twist.retrieval import InstanceRetrievalSettings
+from ray_twist.settings import Settings
 
 
 class StyleSettings(Settings):

@@ -2,7 +2,7 @@
 
 A generator replica holds one `Engine`. `prepare` turns a request into `Work` (or an
 `InputError` naming the field); `run` restyles a batch of works. Every row of a batch gets
-its own LoRA through `ray_twist.rowlora`, so rows with different adapters share one forward
+its own LoRA through `ray_twist.lora.rows`, so rows with different adapters share one forward
 pass: named adapters and per-sentence SVD merges ("adapted", "instance") as explicit
 per-row factors, untruncated mixtures ("mixture") as per-row weights over the pool's
 stacked factors. Rows are grouped only where they cannot share a `generate` call: by that
@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 
 from ray_twist import storage
@@ -30,19 +28,10 @@ from ray_twist.data.readers import read_task
 from ray_twist.features import Featurizer, task_key
 from ray_twist.generation import GenerationSettings, encode, generate_ids
 from ray_twist.instance import InstanceStyler, weight_dicts
-from ray_twist.merge import ModuleFactors, read_adapter
+from ray_twist.lora import MODES, Mode, RowAdapters, per_row_factors, read_adapter, row_lora
+from ray_twist.merge import ModuleFactors
 from ray_twist.pool import Pool
-from ray_twist.rowlora import RowFactors, per_row_factors, row_lora
-from ray_twist.serve.api import (
-    MODES,
-    ApiError,
-    InputError,
-    Mode,
-    RestyleRequest,
-    RestyleResponse,
-    Timing,
-    Usage,
-)
+from ray_twist.serve.api import ApiError, InputError, RestyleRequest, RestyleResponse, Timing, Usage
 from ray_twist.serve.config import ServeConfig
 
 
@@ -131,19 +120,15 @@ def _row_adapter(adapter: ModuleFactors | None, merged: ModuleFactors | None) ->
 
 def read_adapter_uri(uri: str) -> ModuleFactors:
     """A PEFT adapter dir by URI (object-store adapters go through a temporary copy)."""
-    fs, path = storage.resolve(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
+    with storage.local_dir(uri) as path:
         return read_adapter(path).modules
-    with tempfile.TemporaryDirectory() as tmp:
-        storage.download_dir(uri, tmp)
-        return read_adapter(tmp).modules
 
 
 @dataclass
 class _Group:
     rows: list[tuple[int, int]]  # (work, row in work)
     settings: GenerationSettings
-    factors: dict[str, RowFactors]
+    factors: RowAdapters
 
 
 class Engine:

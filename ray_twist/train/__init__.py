@@ -20,10 +20,8 @@ from ray_twist.train.deepspeed_config import deepspeed_config
 from ray_twist.train.loop import ADAPTER_DIR as ADAPTER_DIR
 from ray_twist.train.loop import DS_DIR as DS_DIR
 from ray_twist.train.loop import DS_TAG as DS_TAG
-from ray_twist.train.loop import FAULT_MARKER as FAULT_MARKER
 from ray_twist.train.loop import STATE_FILE as STATE_FILE
 from ray_twist.train.loop import train_loop_per_worker
-from ray_twist.train.lora import _local_dir as _local_dir
 from ray_twist.train.lora import wrap_lora
 from ray_twist.train.runs import TrainManyError, TrainResult, train_lora, train_many, train_model
 from ray_twist.train.tokens import IGNORE_INDEX as IGNORE_INDEX

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ray_twist.config import DeepSpeedSettings, TrainingSettings
+from ray_twist.train.config import DeepSpeedSettings, TrainingSettings
 
 __all__ = ["deepspeed_config"]
 

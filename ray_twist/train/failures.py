@@ -70,7 +70,13 @@ def find_setup_error(exc: BaseException | None, depth: int = 6) -> SetupError | 
     while exc is not None and seen < depth:
         if isinstance(exc, SetupError):
             return exc
-        inner = getattr(exc, "_base_exc", None)  # Ray Train's user-exception wrapper
+        # Ray Train V2 hands a worker's exception over wrapped in its
+        # `UserExceptionWithTraceback`, which keeps it only as `_base_exc`: no public
+        # accessor, cause or `__reduce__`-free way reaches it (Ray 2.60). The worker errors
+        # given to `UserCallback.after_exception` are already unwrapped; the exceptions the
+        # driver's `fit()` raises are not, so this duck-typed read stays (and is harmless
+        # where the attribute is absent).
+        inner = getattr(exc, "_base_exc", None)
         if not isinstance(inner, BaseException):
             inner = getattr(exc, "cause", None) or exc.__cause__
         exc = inner if isinstance(inner, BaseException) else None

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ray_twist import storage
-from ray_twist.config import DeepSpeedSettings, FaultSettings, TrainingSettings
+from ray_twist.train.config import DeepSpeedSettings, TrainingSettings
 from ray_twist.train.deepspeed_config import _init_process_group, deepspeed_config
 from ray_twist.train.failures import setup_phase
 from ray_twist.train.lora import _save_adapter, check_adapter_saves, wrap_lora
@@ -39,7 +38,6 @@ __all__ = [
     "ADAPTER_DIR",
     "DS_DIR",
     "DS_TAG",
-    "FAULT_MARKER",
     "MODEL_DIR",
     "STATE_FILE",
     "train_loop_per_worker",
@@ -50,7 +48,6 @@ MODEL_DIR = "model"
 STATE_FILE = "trainer_state.json"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
-FAULT_MARKER = ".fault_injected"
 
 
 @dataclass
@@ -78,16 +75,6 @@ def _broadcast_from_rank0(value: float) -> float:
     return tensor.item()
 
 
-def _maybe_inject_failure(fault: FaultSettings, marker_uri: str, step: int) -> None:
-    """Crash rank 0 once at `fault.fail_at_step`; the marker makes the retry succeed."""
-    if fault.fail_at_step != step or torch.distributed.get_rank() != 0:
-        return
-    if storage.exists(marker_uri):
-        return
-    storage.write_bytes(marker_uri, str(step).encode())
-    raise RuntimeError(f"injected failure at step {step}")
-
-
 def _save_model(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """The whole model as a plain HF model dir (rank 0; ZeRO ≤ 2 keeps full weights)."""
     if torch.distributed.get_rank() == 0:
@@ -99,8 +86,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train worker body: LoRA + DeepSpeed training with checkpoint/resume.
 
     `config` keys: base_model, lora (settings, or None to train every weight), training,
-    deepspeed, fault (settings models), init_adapter (dir or None), fault_marker (URI). Returns (rank 0's value is kept)
-    the full step history and engine facts, so the driver needs no metrics store.
+    deepspeed (settings models), init_adapter (dir or None). Returns (rank 0's value is
+    kept) the full step history and engine facts, so the driver needs no metrics store.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks an accelerator
@@ -111,7 +98,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     training: TrainingSettings = config["training"]
     ds_settings: DeepSpeedSettings = config["deepspeed"]
-    fault: FaultSettings = config["fault"]
     torch.manual_seed(training.seed)
 
     full = config["lora"] is None
@@ -226,7 +212,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 continue  # already trained on before the restart
             if state.step >= max_steps:
                 break
-            _maybe_inject_failure(fault, config["fault_marker"], state.step + 1)
             started = time.time()
             inputs = collate(batch)
             loss = engine(**inputs).loss

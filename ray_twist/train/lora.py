@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pyarrow.fs as pafs
 import torch
 
 from ray_twist import storage
-from ray_twist.config import LoraSettings
+from ray_twist.train.config import LoraSettings
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -32,7 +30,7 @@ def wrap_lora(
     from ray_twist.backbone import default_lora_targets, fan_in_fan_out
 
     if init_adapter is not None:
-        with _local_dir(init_adapter) as path:
+        with storage.local_dir(init_adapter) as path:
             return PeftModel.from_pretrained(model, path, is_trainable=True)
     config = LoraConfig(
         r=lora.r,
@@ -43,18 +41,6 @@ def wrap_lora(
         task_type=TaskType.CAUSAL_LM if family == "causal" else TaskType.SEQ_2_SEQ_LM,
     )
     return get_peft_model(model, config)
-
-
-@contextlib.contextmanager
-def _local_dir(uri: str) -> Iterator[str]:
-    """A local path for a directory URI (downloaded to a temp dir when remote)."""
-    fs, path = storage.resolve(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        yield path
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        storage.download_dir(uri, tmp)
-        yield tmp
 
 
 def _save_adapter(model: PeftModel, out_dir: Path, zero_stage: int) -> None:

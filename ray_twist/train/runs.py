@@ -21,20 +21,19 @@ import pyarrow.fs as pafs
 
 from ray_twist import storage
 from ray_twist.backbone import absolute_model_path
-from ray_twist.config import (
+from ray_twist.data.task import Task
+from ray_twist.train.config import (
     DeepSpeedSettings,
     FaultSettings,
     LoraSettings,
     ResourceSettings,
     TrainingSettings,
 )
-from ray_twist.data.task import Task
 from ray_twist.train.failures import SetupError, fail_fast_callback, find_setup_error
-from ray_twist.train.loop import ADAPTER_DIR, FAULT_MARKER, MODEL_DIR, train_loop_per_worker
+from ray_twist.train.loop import ADAPTER_DIR, MODEL_DIR, train_loop_per_worker
 
 if TYPE_CHECKING:
     from ray.data import Dataset
-    from ray.train.v2.api.result import Result
 
 __all__ = ["TrainManyError", "TrainResult", "train_lora", "train_many", "train_model"]
 
@@ -158,18 +157,20 @@ def _fit(
     fault: FaultSettings | None,
 ) -> TrainResult:
     """One `TorchTrainer.fit()` of the training loop; copy its output dir next to the run."""
-    from ray.train import DataConfig, TrainingFailedError
-    from ray.train.v2._internal.constants import is_v2_enabled
-    from ray.train.v2.api.config import (
+    import ray.train
+
+    if not hasattr(ray.train, "UserCallback"):  # Ray Train V1's API (RAY_TRAIN_V2_ENABLED=0)
+        raise RuntimeError("ray_twist.train needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
+    from ray.train import (
         CheckpointConfig,
+        DataConfig,
         FailureConfig,
         RunConfig,
         ScalingConfig,
+        TrainingFailedError,
     )
-    from ray.train.v2.torch.torch_trainer import TorchTrainer
+    from ray.train.torch import TorchTrainer
 
-    if not is_v2_enabled():
-        raise RuntimeError("ray_twist.train needs Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
     if deepspeed.precision == "fp16" and resources.gpus_per_worker == 0:
         raise ValueError("deepspeed.precision: fp16 needs GPUs; use bf16 or fp32 on CPU workers")
     fault = fault or FaultSettings()
@@ -186,15 +187,15 @@ def _fit(
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
+    # typed as Ray Train V1's classes (V2 swaps them in at import time): the V2 trainer takes
+    # a loop that returns a value and its `Result` carries it as `return_value`
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        cast(Any, train_loop_per_worker),
         train_loop_config={
             **loop_config,
             "training": training,
             "deepspeed": deepspeed,
-            "fault": fault,
             "has_validation": "validation" in datasets,
-            "fault_marker": storage.join(storage_path, name, FAULT_MARKER),
             "local_mode": resources.num_workers == 0,
         },
         scaling_config=ScalingConfig(
@@ -212,7 +213,7 @@ def _fit(
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     try:
-        result = cast("Result", trainer.fit())
+        result: Any = trainer.fit()
     except (SetupError, TrainingFailedError) as exc:  # SetupError itself: local mode
         setup = find_setup_error(getattr(exc, "controller_failure", exc))
         if setup is None:

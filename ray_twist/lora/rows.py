@@ -15,24 +15,30 @@ batch) and modules that see the batch flattened row-major to (R·T, d_in).
 
 Factors are keyed by module path; PEFT's saved paths ("base_model.model.<path>") are mapped
 to `model.named_modules()` names by stripping that prefix. B carries the LoRA scaling, as
-`ray_twist.merge.read_adapter` returns it.
+`ray_twist.lora.read_adapter` returns it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ray_twist.config import DEFAULT_MERGE_ORDER, MergeOrder
-from ray_twist.merge import MergeSources
-
 PEFT_PREFIX = "base_model.model."
+
+#: How a row gets its style (serving and bulk restyling): `adapted`, one adapter merged into
+#: the weights; `instance`, the row's own retrieval-weighted merge truncated to rank q;
+#: `mixture`, the row's untruncated retrieval-weighted sum of the sources.
+Mode = Literal["adapted", "instance", "mixture"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+#: The per-row modes, applied through `RowAdapters`.
+RowMode = Literal["instance", "mixture"]
+ROW_MODES: tuple[RowMode, ...] = get_args(RowMode)
 
 
 def plain_module_name(path: str) -> str:
@@ -188,9 +194,17 @@ def row_lora(model: nn.Module, factors: Mapping[str, RowFactors]) -> Iterator[Ro
         hooks.remove()
 
 
+class RowAdapters(dict[str, RowFactors]):
+    """Per-row LoRA factors by module path, in the form `generation.generate_ids` applies:
+    `hooked(model, rows)` runs `model` with the factors of batch rows `rows` hooked in."""
+
+    def hooked(self, model: nn.Module, rows: slice) -> AbstractContextManager[Any]:
+        return row_lora(model, {name: f.select(rows) for name, f in self.items()})
+
+
 def per_row_factors(
     adapters: Sequence[Mapping[str, tuple[Tensor, Tensor]]],
-) -> dict[str, RowFactors]:
+) -> RowAdapters:
     """One adapter per row ({module → (A (r×d_in), B (d_out×r))}, e.g. `read_adapter(d).modules`
     or a `MergeSources.merge` target). Ranks may differ: smaller ones are zero-padded."""
     if not adapters:
@@ -199,7 +213,7 @@ def per_row_factors(
     for i, adapter in enumerate(adapters):
         if set(adapter) != modules:
             raise ValueError(f"row {i} has different LoRA modules than row 0")
-    out: dict[str, RowFactors] = {}
+    out = RowAdapters()
     for module in sorted(modules):
         pairs = [adapter[module] for adapter in adapters]
         q = max(a.shape[0] for a, _ in pairs)
@@ -207,49 +221,3 @@ def per_row_factors(
         b = torch.stack([nn.functional.pad(b, (0, q - b.shape[1])) for _, b in pairs])
         out[module] = RowFactors(a, b)
     return out
-
-
-def instance_factors(
-    sources: MergeSources,
-    weights: Tensor | list[dict[str, float]],
-    rank: int,
-    merge_order: MergeOrder = DEFAULT_MERGE_ORDER,
-) -> dict[str, RowFactors]:
-    """Paper-faithful per-row adapters: each row's Σ_s w_s ΔW_s, truncated to rank q by SVD.
-
-    `truncate_then_sum`: each row's Σ_s w_s trunc_q(ΔW_s), exactly, as the sources' cached
-    truncated factors shared by all rows with per-row column weights (the mixture form over
-    rank Σ_s min(q, r_s); no per-row factors, no SVD).
-    """
-    w = sources.weights_tensor(weights)
-    if merge_order == "truncate_then_sum":
-        out = {}
-        for module in sources.modules:
-            stack = sources.truncated(module, rank)
-            out[module] = RowFactors(stack.a, stack.b, stack.column_weights(w.to(stack.a)))
-        return out
-    return {m: RowFactors(a, b) for m, a, b in sources.merge_modules(w, rank, method="svd")}
-
-
-class MixtureStack:
-    """The sources' factors concatenated once per module, for untruncated per-row mixtures.
-
-    `rows(weights)` gives y = W x + B_all (d_row ⊙ (A_all x)) with d_row each row's source
-    weights repeated over that source's rank: exactly Σ_s w_s ΔW_s, at Σr_s·(d_in + d_out)
-    extra MACs per token. Build it once (it holds the stacks) and reuse it for every batch.
-    """
-
-    def __init__(self, sources: MergeSources, device: torch.device | str | None = None) -> None:
-        self.sources = sources
-        self._stacks: dict[str, tuple[Tensor, Tensor]] = {}
-        for module in sources.modules:
-            a_list, b_list = sources.factors(module)
-            self._stacks[module] = (torch.cat(a_list).to(device), torch.cat(b_list, 1).to(device))
-
-    def rows(self, weights: Tensor | list[dict[str, float]]) -> dict[str, RowFactors]:
-        """Per-row factors for source weights (R, N) (or {source → weight} dicts)."""
-        w = self.sources.weights_tensor(weights)
-        return {
-            module: RowFactors(a, b, self.sources.stack(module).column_weights(w.to(a)))
-            for module, (a, b) in self._stacks.items()
-        }

@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from ray_twist import storage
-from ray_twist.config import BuildPoolConfig, StudyConfig
+from ray_twist.build.config import BuildPoolConfig
 from ray_twist.data.synthetic import STYLES, make_task, style_corpus
 from ray_twist.data.task import Task
 from ray_twist.evaluate.classifier import StyleClassifier
 from ray_twist.evaluate.run import TestSet
-from ray_twist.study.report import report, summarise
-from ray_twist.study.runs import Context, RunSpec, execute, plan_runs
-from ray_twist.study.world import build_world_backbone
+from ray_twist.recipes.study.config import StudyConfig
+from ray_twist.recipes.study.report import report, summarise
+from ray_twist.recipes.study.runs import Context, RunSpec, execute, plan_runs
+from ray_twist.recipes.study.world import build_world_backbone
 
 __all__ = ["RunSpec", "StudyResult", "build_world_backbone", "plan_runs", "run_study", "summarise"]
 
@@ -126,9 +127,9 @@ def _synthetic_setup(config: StudyConfig) -> _Setup:
 def _real_setup(config: StudyConfig) -> _Setup:
     """Real text: the pool from its build config, target pairs and judge data from files."""
     from ray_twist.build import build_pool
-    from ray_twist.config import load_yaml
     from ray_twist.data.readers import read_task
     from ray_twist.evaluate.run import read_style_data
+    from ray_twist.settings import load_yaml
 
     real = config.real
     assert real is not None

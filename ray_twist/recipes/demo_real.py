@@ -47,16 +47,18 @@ def run_real_demo(
     import ray
     from transformers.utils import logging as transformers_logging
 
-    from ray_twist.adapt import adapt
+    from ray_twist.adapt import AdaptConfig, adapt
     from ray_twist.base import BaseBuildConfig, build_base
     from ray_twist.build import build_pool, summary_table
-    from ray_twist.config import AdaptConfig, BuildPoolConfig, StudyConfig, load_yaml
+    from ray_twist.build.config import BuildPoolConfig
     from ray_twist.data import write_task_jsonl
     from ray_twist.data.aligned import AlignedCorpusSettings, PrepareAlignedConfig, prepare_aligned
     from ray_twist.data.readers import read_task
-    from ray_twist.demo import _Phases, _serve_round_trip
     from ray_twist.evaluate import StyleClassifier, TestSet, evaluate_adapter
     from ray_twist.evaluate.run import evaluate_outputs, read_style_data
+    from ray_twist.recipes.demo import _Phases, _serve_round_trip
+    from ray_twist.recipes.study.config import StudyConfig
+    from ray_twist.settings import load_yaml
 
     console = Console(record=True)
     if not console.is_terminal:

@@ -3,7 +3,7 @@
 A recipe over the library's components, on the synthetic style world (ray_twist.data):
 
 1. **base model** — the world's tiny T5, pre-trained to copy neutral sentences
-   (`ray_twist.study.world`), so that LoRAs learn styles; built once per workdir;
+   (`ray_twist.recipes.study.world`), so that LoRAs learn styles; built once per workdir;
 2. **pool** — one LoRA per source style (Ray Train + DeepSpeed), keys on Ray Data, one commit
    (`build.build_pool`; a re-run skips sources already in the pool);
 3. **adapt** — the held-out style `sailor` (its family sibling `pirate` is in the pool) from a
@@ -35,7 +35,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ray_twist.config import AdaptConfig, BuildPoolConfig, WorldBackboneSettings
+from ray_twist.adapt import AdaptConfig
+from ray_twist.build.config import BuildPoolConfig
+from ray_twist.recipes.study.config import WorldBackboneSettings
 
 __all__ = ["QUICK_SOURCES", "SOURCES", "TARGET", "DemoPlan", "run_demo"]
 
@@ -127,7 +129,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
 def world_backbone(root: Path, spec: WorldBackboneSettings) -> str:
     """The world T5 under `root`, keyed by its settings: built once, then reused by every
     re-run with the same settings."""
-    from ray_twist.study.world import build_world_backbone
+    from ray_twist.recipes.study.world import build_world_backbone
 
     key = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:8]
     return build_world_backbone(str(root / f"base_model-{key}"), spec)
@@ -372,12 +374,8 @@ def _num(value: float | None) -> str:
 
 
 def _ray_logs_dir() -> str:
-    """This Ray session's log directory (where its workers' and Serve's logs are)."""
-    import ray
-
-    with contextlib.suppress(Exception):  # a private API: fall back to Ray's default place
-        node: Any = ray._private.worker._global_node
-        return str(node.get_logs_dir_path())
+    """Where the latest local Ray session keeps its workers' and Serve's logs (Ray's documented
+    default place; Ray has no public API for the running session's directory)."""
     return "/tmp/ray/session_latest/logs"
 
 

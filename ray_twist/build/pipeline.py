@@ -16,8 +16,8 @@ stale checkpoint while an identical re-run after a crash resumes where it died. 
 that fails for good does not stop the others: the finished ones are committed, then
 `BuildPoolError` reports the failures (re-running retrains only those).
 
-The report types and the summary table live in `ray_twist.build_report` (re-exported
-here), the live progress display in `ray_twist.build_progress`.
+The report types and the summary table live in `ray_twist.build.report` (re-exported
+here), the live progress display in `ray_twist.build.progress`.
 """
 
 from __future__ import annotations
@@ -49,26 +49,14 @@ from ray_twist.backbone import (
     default_lora_targets,
     resolve_model_path,
 )
-from ray_twist.build_progress import expected_steps, show_progress
-from ray_twist.build_report import BuildPoolError, BuildReport, SourceOutcome, summary_table
-from ray_twist.config import BaseModelSettings, BuildPoolConfig, SourceSettings
+from ray_twist.build.config import BaseModelSettings, BuildPoolConfig, SourceSettings
+from ray_twist.build.progress import expected_steps, show_progress
+from ray_twist.build.report import BuildPoolError, BuildReport, SourceOutcome, summary_table
 from ray_twist.data import denoising_task, make_world, read_task, read_texts
 from ray_twist.data.task import Task
 from ray_twist.features import TaskKey, task_keys
 from ray_twist.pool import MANIFEST, Pool, PoolMismatchError, SourceEntry, add_sources
-from ray_twist.train import TrainManyError, TrainResult, _local_dir, train_many
-
-__all__ = [
-    "BuildPoolError",
-    "BuildReport",
-    "SourceOutcome",
-    "build_and_print",
-    "build_pool",
-    "resolve_base_model",
-    "source_tasks",
-    "summary_table",
-    "training_hash",
-]
+from ray_twist.train import TrainManyError, TrainResult, train_many
 
 # ---------------------------------------------------------------- inputs and hashes
 
@@ -268,7 +256,7 @@ def _commit(
                 num_gpus=config.featurizer.num_gpus,
             )
             for task, result, metrics in trained:
-                adapter = stack.enter_context(_local_dir(result.adapter_dir))
+                adapter = stack.enter_context(storage.local_dir(result.adapter_dir))
                 entries.append(
                     SourceEntry(task.name, adapter, keys[task.name], metrics, task.content_hash())
                 )

@@ -10,17 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_twist import storage
-from ray_twist.config import (
-    DEFAULT_MERGE_ORDER,
-    AdaptConfig,
-    InitMethod,
-    MergeOrder,
-    RetrievalSettings,
-    StudyConfig,
-)
+from ray_twist.adapt import AdaptConfig, InitMethod
 from ray_twist.data.task import Task
 from ray_twist.evaluate.classifier import StyleClassifier, shared_featurizer
 from ray_twist.evaluate.run import TestSet, evaluate_adapter
+from ray_twist.merge import DEFAULT_MERGE_ORDER, MergeOrder
+from ray_twist.recipes.study.config import StudyConfig
+from ray_twist.retrieval import RetrievalSettings
 
 __all__ = ["Context", "RunSpec", "execute", "plan_runs", "run_one"]
 

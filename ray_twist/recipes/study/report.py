@@ -11,7 +11,7 @@ import numpy as np
 
 from ray_twist import storage
 from ray_twist.evaluate.classifier import shared_featurizer
-from ray_twist.study.runs import Context
+from ray_twist.recipes.study.runs import Context
 
 __all__ = ["G_METRICS", "report", "summarise"]
 

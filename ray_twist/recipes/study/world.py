@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ray_twist.config import WorldBackboneSettings
 from ray_twist.data.synthetic import STYLES, apply_style, neutral_sentences
+from ray_twist.recipes.study.config import WorldBackboneSettings
 
 __all__ = ["build_world_backbone"]
 

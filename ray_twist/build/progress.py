@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ray_twist import storage
-from ray_twist.config import BuildPoolConfig
+from ray_twist.build.config import BuildPoolConfig
 from ray_twist.data.task import Task
 from ray_twist.train import STATE_FILE
 

@@ -1,0 +1,42 @@
+"""LoRA factors as data: PEFT adapter dirs read and written as (A, B) factors per module, and
+per-row LoRA (every row of a batch its own adapter) as forward hooks on a plain model.
+
+    peft_io   PEFT adapter dir <-> `AdapterFactors` ({module: (A, B·scaling)} + config)
+    rows      `RowFactors`, `RowAdapters` and the `row_lora` hooks that apply them
+"""
+
+from ray_twist.lora.peft_io import (
+    AdapterFactors,
+    AdapterFormatError,
+    lora_factors,
+    read_adapter,
+    write_adapter,
+)
+from ray_twist.lora.rows import (
+    MODES,
+    ROW_MODES,
+    Mode,
+    RowAdapters,
+    RowFactors,
+    RowLoRA,
+    RowMode,
+    per_row_factors,
+    row_lora,
+)
+
+__all__ = [
+    "MODES",
+    "ROW_MODES",
+    "Mode",
+    "RowMode",
+    "AdapterFactors",
+    "AdapterFormatError",
+    "RowAdapters",
+    "RowFactors",
+    "RowLoRA",
+    "lora_factors",
+    "per_row_factors",
+    "read_adapter",
+    "row_lora",
+    "write_adapter",
+]
