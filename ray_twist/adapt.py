@@ -33,7 +33,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ray_twist import storage
-from ray_twist.backbone import absolute_model_path, check_trained_base, config_hash
+from ray_twist.backbone import (
+    AllowUntrainedBase,
+    absolute_model_path,
+    check_trained_base,
+    config_hash,
+)
 from ray_twist.data.task import Task
 from ray_twist.features import Featurizer
 from ray_twist.initialise import RETRIEVAL_FILE, init_target, merge_weighted
@@ -273,8 +278,4 @@ class AdaptConfig(Settings):
     storage_path: str | None = Field(
         default=None, description="training runs (checkpoints); default: <out>/_train"
     )
-    allow_untrained_base: bool = Field(
-        default=False,
-        description="use a base model with newly initialised (untrained) weights anyway, e.g. "
-        "a bare encoder warm-started into BERT2BERT; default: refuse it (see twist base build)",
-    )
+    allow_untrained_base: AllowUntrainedBase = False

@@ -16,10 +16,11 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from pydantic import Field
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -57,6 +58,16 @@ logger = logging.getLogger(__name__)
 
 class BackboneNotFoundError(FileNotFoundError):
     """The base model is neither a local directory nor in the offline HF cache."""
+
+
+#: The `allow_untrained_base` setting of every config that loads a base model.
+AllowUntrainedBase = Annotated[
+    bool,
+    Field(
+        description="use a base model with newly initialised (untrained) weights anyway, e.g. "
+        "a bare encoder warm-started into BERT2BERT; default: refuse it (see twist base build)"
+    ),
+]
 
 
 class UntrainedBaseError(ValueError):

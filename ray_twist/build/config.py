@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ray_twist.backbone import AllowUntrainedBase
 from ray_twist.settings import Settings
 from ray_twist.train.config import (
     DeepSpeedSettings,
@@ -160,11 +161,7 @@ class BuildPoolConfig(Settings):
     clustering: ClusteringSettings = Field(default_factory=ClusteringSettings)
     pool: str = Field(description="pool URI (created if missing)")
     storage_path: str = Field(description="URI for training runs (checkpoints, adapters)")
-    allow_untrained_base: bool = Field(
-        default=False,
-        description="use a base model with newly initialised (untrained) weights anyway, e.g. "
-        "a bare encoder warm-started into BERT2BERT; default: refuse it (see twist base build)",
-    )
+    allow_untrained_base: AllowUntrainedBase = False
 
     @field_validator("base_model", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ray_twist.backbone import AllowUntrainedBase
 from ray_twist.pool import validate_name
 from ray_twist.retrieval import InstanceRetrievalSettings
 from ray_twist.settings import Settings
@@ -145,11 +146,7 @@ class ServeConfig(Settings):
     ingress: IngressSettings = IngressSettings()
     generator: GeneratorSettings = GeneratorSettings()
     http: HttpSettings = HttpSettings()
-    allow_untrained_base: bool = Field(
-        default=False,
-        description="use a base model with newly initialised (untrained) weights anyway, e.g. "
-        "a bare encoder warm-started into BERT2BERT; default: refuse it (see twist base build)",
-    )
+    allow_untrained_base: AllowUntrainedBase = False
 
     @field_validator("styles", mode="before")
     @classmethod
