@@ -35,7 +35,7 @@ def detokenise(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> list[st
     text could not have had are removed, so outputs read as text and BLEU's tokenizer sees
     the same words as in the references."""
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    probe = tokenizer.decode(tokenizer(_SPACED_PROBE)["input_ids"], skip_special_tokens=True)
+    probe = str(tokenizer.decode(tokenizer(_SPACED_PROBE)["input_ids"], skip_special_tokens=True))
     if probe.strip().lower() == _SPACED_PROBE:
         return [t.strip() for t in texts]
     joined = (_SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", t)) for t in texts)
