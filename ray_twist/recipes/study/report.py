@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ray_twist import storage
+from ray_twist.config import DEFAULT_MERGE_ORDER
 from ray_twist.evaluate.classifier import shared_featurizer
 from ray_twist.recipes.study.runs import Context
 
@@ -102,6 +103,29 @@ def _baseline_table(baselines: Sequence[dict[str, Any]], swept: list[dict[str, A
     return "\n".join(lines)
 
 
+def _weights_table(table: Sequence[dict[str, Any]], sources: list[str]) -> str:
+    """TWIST's retrieval weights per source, mean over seeds, for each setting that ran: where
+    retrieval put the pool's mass is the first thing to check when TWIST does not win."""
+    groups: dict[tuple[Any, ...], list[dict[str, float]]] = {}
+    for row in table:
+        if row["init"] == "twist" and row.get("weights"):
+            setting = (row["sweep"], row["fraction"], row["lam"], row["tau"], row["top_k"],
+                       row.get("merge_order", DEFAULT_MERGE_ORDER))  # fmt: skip
+            groups.setdefault(setting, []).append(json.loads(row["weights"]))
+    lines = [
+        "| sweep | fraction | λ | τ | top-k | merge order | seeds | " + " | ".join(sources) + " |",
+        "|" + "---|" * (7 + len(sources)),
+    ]
+    for (sweep, fraction, lam, tau, top_k, order), runs in groups.items():
+        means = [float(np.mean([w.get(s, 0.0) for w in runs])) for s in sources]
+        lines.append(
+            f"| {sweep} | {100 * fraction:g} % | {lam} | {tau} | {top_k} | {order} | {len(runs)} | "
+            + " | ".join(f"{m:.2f}" for m in means)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def _samples(ctx: Context, table: Sequence[dict[str, Any]], n: int = 5) -> str:
     """n test inputs with their reference and each init's output (seed 0, lowest fraction)."""
     fraction = min(r["fraction"] for r in table if r["sweep"] == "main")
@@ -155,6 +179,8 @@ def report(
             lines += ["", f"## {name}", _table(entries, by[name])]
     if baselines or swept["full-data"]:
         lines += ["", "## baselines", _baseline_table(baselines, swept["full-data"])]
+    if any(r["init"] == "twist" and r.get("weights") for r in table):
+        lines += ["", "## retrieval weights (TWIST)", _weights_table(table, sources)]
     lines += ["", _samples(ctx, table)]
     figures = [
         plot_vs_fraction(
