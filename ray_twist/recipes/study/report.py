@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from ray_twist import storage
-from ray_twist.config import DEFAULT_MERGE_ORDER
 from ray_twist.evaluate.classifier import shared_featurizer
+from ray_twist.merge import DEFAULT_MERGE_ORDER
 from ray_twist.recipes.study.runs import Context
 
 __all__ = ["G_METRICS", "report", "summarise"]
