@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol
 
 import torch
@@ -35,14 +36,21 @@ _SPACE_AFTER = re.compile(r"([(\[']) ")
 _SPACED_PROBE = "a; b-c (d) e's"
 
 
+@lru_cache(maxsize=8)
+def _spaces_punctuation(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the decoder loses the text's spacing around punctuation (probed once per
+    tokenizer, not per batch)."""
+    probe = str(tokenizer.decode(tokenizer(_SPACED_PROBE)["input_ids"], skip_special_tokens=True))
+    return probe.strip().lower() != _SPACED_PROBE
+
+
 def detokenise(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor) -> list[str]:
     """Decode rows of token ids to text. WordPiece decoders put spaces around every
     punctuation piece (`caesar ' s ; well - known`); for those tokenizers the spaces that the
     text could not have had are removed, so outputs read as text and BLEU's tokenizer sees
     the same words as in the references."""
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    probe = str(tokenizer.decode(tokenizer(_SPACED_PROBE)["input_ids"], skip_special_tokens=True))
-    if probe.strip().lower() == _SPACED_PROBE:
+    if not _spaces_punctuation(tokenizer):
         return [t.strip() for t in texts]
     joined = (_SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", t)) for t in texts)
     return [t.replace(" - ", "-").strip() for t in joined]
