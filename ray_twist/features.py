@@ -129,15 +129,22 @@ def style_shift_key(target_emb: np.ndarray, source_emb: np.ndarray) -> np.ndarra
     return unit_rows(shift)
 
 
-def task_key(task: Task, featurizer: Featurizer) -> TaskKey:
-    """Keys of one task with an in-process featurizer (small tasks, targets at serving time)."""
+def task_key(task: Task, featurizer: Featurizer, max_examples: int | None = None) -> TaskKey:
+    """Keys of one task with an in-process featurizer (small tasks, targets at serving time).
+
+    A key is a mean, which a few hundred examples already pin down: with `max_examples`, a
+    larger task is keyed on a seeded sample of that many (its `n_examples` stays the whole).
+    """
     if len(task) == 0:
         raise ValueError(f"task {task.name!r} has no examples")
+    n_examples = len(task)
+    if max_examples is not None and n_examples > max_examples:
+        task = task.sample(n=max_examples, seed=0)
     sources = featurizer.encode(task.sources)
     return TaskKey(
         style_key=style_shift_key(featurizer.encode(task.targets), sources),
         input_key=key_from_embeddings(sources),
-        n_examples=len(task),
+        n_examples=n_examples,
     )
 
 

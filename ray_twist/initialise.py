@@ -108,7 +108,7 @@ def init_target(
 ) -> dict[str, float]:
     """Write the TWIST initialisation of one target task at `out_dir`; return its R_s."""
     params = params or RetrievalSettings()
-    key = task_key(task, featurizer or Featurizer(pool.featurizer))
+    key = task_key(task, featurizer or Featurizer(pool.featurizer), params.key_examples)
     [weights] = retrieval_weights(pool, [key], params)
     merge_weighted(pool_merge_sources(pool), [out_dir], [weights], rank, method,
                    meta=[_retrieval_meta(pool, params, task.name)], progress=False,
@@ -173,7 +173,10 @@ def merge_targets(
     retrieved: dict[str, dict[str, float]] = {}
     if needs_data:
         featurizer = Featurizer(pool.featurizer)
-        keys = [task_key(read_task(t.data or "", name=t.name), featurizer) for t in needs_data]
+        keys = [
+            task_key(read_task(t.data or "", name=t.name), featurizer, params.key_examples)
+            for t in needs_data
+        ]
         weights = retrieval_weights(pool, keys, params)
         retrieved = {t.name: w for t, w in zip(needs_data, weights, strict=True)}
     rows = [t.weights if t.weights is not None else retrieved[t.name] for t in targets]

@@ -85,6 +85,25 @@ def test_task_key_style_is_the_shift_from_sources_to_targets(featurizer: Featuri
     np.testing.assert_allclose(key.input_key, featurizer.encode(task.sources[:1])[0], atol=1e-5)
 
 
+def test_large_task_is_keyed_on_a_seeded_sample(featurizer: Featurizer) -> None:
+    """`max_examples` keys a larger task on `Task.sample(n=max_examples, seed=0)`; the key
+    still counts every example, and a task within the cap is keyed on all of it."""
+    from ray_twist.retrieval import RetrievalSettings
+
+    task = Task("mixed", sources=TEXTS[:6], targets=TEXTS[1:7])
+    sampled = task_key(task, featurizer, max_examples=3)
+    reference = task_key(task.sample(n=3, seed=0), featurizer)
+    np.testing.assert_allclose(sampled.style_key, reference.style_key, atol=1e-6)
+    np.testing.assert_allclose(sampled.input_key, reference.input_key, atol=1e-6)
+    assert sampled.n_examples == 6
+    assert np.abs(sampled.style_key - task_key(task, featurizer).style_key).max() > 1e-3
+    whole = task_key(task, featurizer, max_examples=6)
+    np.testing.assert_allclose(whole.style_key, task_key(task, featurizer).style_key, atol=1e-6)
+    # the setting reaches retrieval; its default stays out of dumps (run names unchanged)
+    assert "key_examples" not in RetrievalSettings().model_dump()
+    assert RetrievalSettings(key_examples=None).model_dump()["key_examples"] is None
+
+
 def test_ray_data_actor_pool_matches_encode(featurizer: Featurizer, ray_session) -> None:
     ds = ray_session.data.from_items([{"id": i, "text": t} for i, t in enumerate(TEXTS)])
     rows = ds.map_batches(

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from ray_twist.backbone import load_backbone, packaged_minilm_path
+from ray_twist.recipes.study.runs import RunSpec, finished_row
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 from low_resource import main  # noqa: E402
@@ -115,6 +116,21 @@ def test_study_job_runs_and_resumes(ray_session, tmp_path: Path) -> None:
     stamps = {p.name: p.stat().st_mtime_ns for p in runs}
     assert main(["--config", str(config)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
+
+    # a finished run is reused only while what it read still holds: a changed pool
+    # (re-clustered, retrained) reruns the runs that read it, a changed setup reruns all
+    by_init = {}
+    for path in runs:
+        record = json.loads(path.read_text())
+        spec = RunSpec(**{f: record["row"][f] for f in RunSpec.__dataclass_fields__})
+        by_init[spec.init] = (spec, record["fingerprints"])
+    (scratch, scratch_read), (twist, current) = by_init["scratch"], by_init["twist"]
+    assert set(current) == {"setup", "pool"} and scratch_read == {"setup": current["setup"]}
+    assert finished_row(str(out), twist, current) is not None
+    repooled = current | {"pool": "another generation"}
+    assert finished_row(str(out), scratch, repooled) is not None
+    assert finished_row(str(out), twist, repooled) is None
+    assert finished_row(str(out), scratch, current | {"setup": "other"}) is None
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:

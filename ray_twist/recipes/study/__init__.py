@@ -35,7 +35,7 @@ from ray_twist.evaluate.classifier import StyleClassifier
 from ray_twist.evaluate.run import TestSet
 from ray_twist.recipes.study.config import StudyConfig
 from ray_twist.recipes.study.report import report, summarise
-from ray_twist.recipes.study.runs import Context, RunSpec, execute, plan_runs
+from ray_twist.recipes.study.runs import Context, RunSpec, execute, fingerprints, plan_runs
 from ray_twist.recipes.study.world import build_world_backbone
 
 __all__ = ["RunSpec", "StudyResult", "build_world_backbone", "plan_runs", "run_study", "summarise"]
@@ -213,6 +213,7 @@ def run_study(config: StudyConfig) -> StudyResult:
     ctx = Context(
         config.out, setup.pool, setup.target, setup.test, setup.style, setup.classifier,
         config, setup.source_examples,
+        fingerprints(config, setup.pool, setup.target, setup.test),
     )  # fmt: skip
     sources = setup.sources
     classifier = setup.classifier

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from ray_twist.merge import DEFAULT_MERGE_ORDER, MergeOrder
 from ray_twist.recipes.study.config import StudyConfig
 from ray_twist.retrieval import RetrievalSettings
 
-__all__ = ["Context", "RunSpec", "execute", "plan_runs", "run_one"]
+__all__ = ["Context", "RunSpec", "execute", "finished_row", "fingerprints", "plan_runs", "run_one"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,31 @@ class Context:
     classifier: StyleClassifier
     config: StudyConfig
     source_examples: dict[str, list[tuple[str, str]]]  # (input, output) pairs per source style
+    fingerprints: dict[str, str]  # see `fingerprints`
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprints(config: StudyConfig, pool: str, target: Task, test: TestSet) -> dict[str, str]:
+    """What a finished run's row depends on beyond its `RunSpec`: `setup` (data, judge,
+    training, evaluation and retrieval settings) and `pool` (the pool generation's manifest:
+    sources, keys, clusters). A run is reused only while both still hold (`pool` only for
+    inits that read the pool), so a re-clustered pool or a changed setting reruns it."""
+    from ray_twist.pool import Pool
+
+    sweep_only = {"out", "fractions", "inits", "seeds", "ablations", "cpus_per_run", "baselines"}
+    setup = {
+        "config": config.model_dump(mode="json", exclude=sweep_only),
+        "target": target.content_hash(),
+        "test": [test.sources, test.references],
+    }
+    return {"setup": _digest(setup), "pool": _digest(Pool.open(pool).manifest)}
+
+
+def _depends_on(spec: RunSpec) -> list[str]:
+    return ["setup"] if spec.init == "scratch" else ["setup", "pool"]
 
 
 def run_one(spec: RunSpec, ctx: Context) -> dict[str, Any]:
@@ -163,18 +189,28 @@ def run_one(spec: RunSpec, ctx: Context) -> dict[str, Any]:
         "weights": json.dumps(result.weights) if result.weights is not None else None,
         "seconds": time.perf_counter() - started,
     }
-    record = {"row": row, "examples": [dataclasses.asdict(e) for e in report.examples]}
+    record = {
+        "row": row,
+        "fingerprints": {k: ctx.fingerprints[k] for k in _depends_on(spec)},
+        "examples": [dataclasses.asdict(e) for e in report.examples],
+    }
     storage.write_bytes(
         storage.join(ctx.out, "runs", f"{spec.name}.json"), json.dumps(record).encode()
     )
     return row
 
 
-def _done(out: str, spec: RunSpec) -> dict[str, Any] | None:
+def finished_row(out: str, spec: RunSpec, current: dict[str, str]) -> dict[str, Any] | None:
+    """The row of `spec`'s finished run under `out`, or None when there is none or it is
+    stale (a fingerprint it depends on differs from `current`, or it has none)."""
     uri = storage.join(out, "runs", f"{spec.name}.json")
     if not storage.exists(uri):
         return None
-    row = json.loads(storage.read_bytes(uri))["row"]
+    record = json.loads(storage.read_bytes(uri))
+    recorded = record.get("fingerprints", {})
+    if any(recorded.get(k) != current[k] for k in _depends_on(spec)):
+        return None
+    row: dict[str, Any] = record["row"]
     row.setdefault("merge_order", DEFAULT_MERGE_ORDER)  # runs from before the setting
     return row
 
@@ -188,7 +224,7 @@ def execute(specs: Sequence[RunSpec], ctx: Context) -> dict[tuple[Any, ...], dic
     for spec in specs:
         if spec.key in rows or spec.key in todo:
             continue
-        done = _done(ctx.out, spec)
+        done = finished_row(ctx.out, spec, ctx.fingerprints)
         if done is not None:
             rows[spec.key] = done
         else:
