@@ -6,7 +6,8 @@ A recipe over the public API, driven by the repo's real-text configs (`jobs/conf
    (`bible_prepare.yaml`; `--corpus DIR` points at another copy of the corpus);
 2. **base** — the MiniLM warm start trained to copy (`base_bible.yaml`): built once and
    cached, reused by every later run (this phase says how long a build takes when it runs);
-3. **pool** — the Bible-style source LoRAs (`build_pool_bible.yaml`; cached by content);
+3. **pool** — a small pool of Bible-style source LoRAs (`build_pool_bible_demo.yaml`, ~15 min
+   on 2 cores; cached by content; the study's larger pool is `build_pool_bible.yaml`);
 4. **adapt** — BBE → KJV, held out of the pool, from 1 % of its pairs: TWIST, uniform and
    scratch initialisations, as the real-text study adapts;
 5. **evaluate** — each adapter and the identity output (the input copied) on held-out books;
@@ -93,7 +94,8 @@ def run_real_demo(
         )
 
     with phase("pool", "Bible-style source LoRAs (Ray Train + DeepSpeed), keys on Ray Data"):
-        pool_report = build_pool(load_yaml(real.pool, BuildPoolConfig), progress=False)
+        pool_config = load_yaml(Path(configs, "build_pool_bible_demo.yaml"), BuildPoolConfig)
+        pool_report = build_pool(pool_config, progress=False)
         console.print(summary_table(pool_report))
 
     target = read_task(real.train).sample(fraction=fraction, seed=0)
