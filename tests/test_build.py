@@ -121,6 +121,10 @@ def test_example_configs_validate() -> None:
     gpu = load_yaml(REPO / "jobs/configs/build_pool_t5_gpu.yaml", BuildPoolConfig)
     assert gpu.resources.gpus_per_worker == 1 and gpu.deepspeed.precision == "bf16"
     assert gpu.base_model.path and {s.objective for s in gpu.sources} == {"parallel", "denoising"}
+    for name in ("build_pool_bible.yaml", "build_pool_bible_demo.yaml"):
+        bible = load_yaml(REPO / "jobs/configs" / name, BuildPoolConfig)
+        # one cluster per source: the task-level term tells the BBE -> X siblings apart
+        assert bible.clustering.n_clusters == len(bible.sources), name
 
 
 def test_training_hash_covers_what_changes_the_weights(
