@@ -105,6 +105,7 @@ def test_study_job_runs_and_resumes(ray_session, tmp_path: Path) -> None:
     }
     for row in table:
         assert 0.0 <= row["acc"] <= 100.0 and math.isfinite(row["bleu"])
+        assert row["train_loss"] > 0 and math.isfinite(row["train_loss"])
     runs = sorted((out / "runs").glob("*.json"))
     assert len(runs) == 5
     record = json.loads((out / "results.json").read_text())

@@ -17,6 +17,8 @@ from ray_twist.recipes.study.runs import Context
 __all__ = ["G_METRICS", "report", "summarise"]
 
 G_METRICS = {"g": "G (style classifier)", "g_rule": "G (rule checker)"}
+# train_loss: mean over the run's steps (the same batches for every init of a seed)
+METRICS = ("g", "g_rule", "acc", "acc_rule", "bleu", "train_loss")
 
 
 def summarise(rows: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict[str, Any]]:
@@ -27,7 +29,7 @@ def summarise(rows: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict[st
     out = []
     for key, members in groups.items():
         entry: dict[str, Any] = dict(zip(by, key, strict=True)) | {"n": len(members)}
-        for metric in ("g", "g_rule", "acc", "acc_rule", "bleu"):
+        for metric in METRICS:
             values = [m[metric] for m in members if m.get(metric) is not None]
             entry[metric] = float(np.mean(values)) if values else None
             entry[f"{metric}_std"] = float(np.std(values)) if values else None
@@ -38,17 +40,17 @@ def summarise(rows: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict[st
 def _table(stats: Sequence[dict[str, Any]], by: Sequence[str]) -> str:
     def cell(entry: dict[str, Any], metric: str) -> str:
         mean, std = entry[metric], entry[f"{metric}_std"]
-        return "-" if mean is None else f"{mean:.1f} ± {std:.1f}"
+        digits = 3 if metric == "train_loss" else 1
+        return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
-    metrics = ("g", "g_rule", "acc", "acc_rule", "bleu")
     lines = [
-        "| " + " | ".join([*by, "seeds", *metrics]) + " |",
-        "|" + "---|" * (len(by) + 1 + len(metrics)),
+        "| " + " | ".join([*by, "seeds", *METRICS]) + " |",
+        "|" + "---|" * (len(by) + 1 + len(METRICS)),
     ]
     for entry in stats:
         keys = [str(entry[k]) for k in by]
         lines.append(
-            "| " + " | ".join([*keys, str(entry["n"]), *(cell(entry, m) for m in metrics)]) + " |"
+            "| " + " | ".join([*keys, str(entry["n"]), *(cell(entry, m) for m in METRICS)]) + " |"
         )
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_twist import storage
-from ray_twist.adapt import AdaptConfig, InitMethod
+from ray_twist.adapt import ADAPT_FILE, AdaptConfig, InitMethod
 from ray_twist.data.task import Task
 from ray_twist.evaluate.classifier import StyleClassifier, shared_featurizer
 from ray_twist.evaluate.run import TestSet, evaluate_adapter
@@ -135,6 +135,14 @@ def _depends_on(spec: RunSpec) -> list[str]:
     return ["setup"] if spec.init == "scratch" else ["setup", "pool"]
 
 
+def _mean_loss(history: Sequence[dict[str, Any]]) -> float | None:
+    """Mean training loss over a run's steps. Every init of one seed and fraction sees the
+    same batches in the same order, so this compares inits pair by pair (the area under
+    the learning curve): a finer read of the init than G on a small test set."""
+    losses = [h["loss"] for h in history if h.get("loss") is not None]
+    return sum(losses) / len(losses) if losses else None
+
+
 def run_one(spec: RunSpec, ctx: Context) -> dict[str, Any]:
     """Adapt, restyle the test set and score it; write and return the run's row."""
     from ray_twist.adapt import adapt
@@ -186,6 +194,7 @@ def run_one(spec: RunSpec, ctx: Context) -> dict[str, Any]:
         **{k: getattr(report, k) for k in ("acc", "acc_rule", "bleu", "g", "g_rule")},
         "classifier_heldout_acc": report.classifier_heldout_acc,
         **{k: result.metrics.get(k) for k in ("steps", "epochs", "best_val_loss", "train_s")},
+        "train_loss": _mean_loss(result.history),
         "weights": json.dumps(result.weights) if result.weights is not None else None,
         "seconds": time.perf_counter() - started,
     }
@@ -212,6 +221,10 @@ def finished_row(out: str, spec: RunSpec, current: dict[str, str]) -> dict[str, 
         return None
     row: dict[str, Any] = record["row"]
     row.setdefault("merge_order", DEFAULT_MERGE_ORDER)  # runs from before the setting
+    if "train_loss" not in row:  # runs from before the column: their adapter's own record
+        adapter_record = storage.join(out, "adapters", spec.name, ADAPT_FILE)
+        history = json.loads(storage.read_bytes(adapter_record))["history"]
+        row["train_loss"] = _mean_loss(history)
     return row
 
 
