@@ -238,6 +238,20 @@ def test_summarise_means_and_spread() -> None:
     assert entry["g_rule"] is None
 
 
+def test_paired_table_compares_inits_seed_by_seed() -> None:
+    from ray_twist.recipes.study.report import paired_table
+
+    rows = [
+        {"init": init, "fraction": 0.01, "seed": seed, "g": g, "train_loss": loss}
+        for init, seed, g, loss in [("twist", 0, 20.0, 2.5), ("uniform", 0, 19.0, 2.6),
+                                    ("twist", 1, 18.0, 2.4), ("uniform", 1, 19.0, 2.5),
+                                    ("twist", 2, 30.0, 1.0), ("scratch", 2, 1.0, 9.0)]
+    ]  # fmt: skip
+    *_, line = paired_table(rows).splitlines()
+    # seed 2 has no uniform run: two pairs; ΔG +1 and −1, Δloss −0.1 twice
+    assert line == "| 0.01 | 2 | +0.00 | 1 | -0.100 | 2 |"
+
+
 def test_world_backbone_is_a_loadable_seq2seq(tmp_path: Path) -> None:
     from ray_twist.generation import generate
     from ray_twist.recipes.study.config import WorldBackboneSettings

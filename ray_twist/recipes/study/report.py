@@ -14,7 +14,7 @@ from ray_twist.evaluate.classifier import shared_featurizer
 from ray_twist.merge import DEFAULT_MERGE_ORDER
 from ray_twist.recipes.study.runs import Context
 
-__all__ = ["G_METRICS", "report", "summarise"]
+__all__ = ["G_METRICS", "paired_table", "report", "summarise"]
 
 G_METRICS = {"g": "G (style classifier)", "g_rule": "G (rule checker)"}
 # train_loss: mean over the run's steps (the same batches for every init of a seed)
@@ -51,6 +51,35 @@ def _table(stats: Sequence[dict[str, Any]], by: Sequence[str]) -> str:
         keys = [str(entry[k]) for k in by]
         lines.append(
             "| " + " | ".join([*keys, str(entry["n"]), *(cell(entry, m) for m in METRICS)]) + " |"
+        )
+    return "\n".join(lines)
+
+
+def paired_table(
+    rows: Sequence[dict[str, Any]], ours: str = "twist", other: str = "uniform"
+) -> str:
+    """`ours` minus `other` run by run (same fraction and seed, so the same training batches):
+    mean differences and how many pairs favour `ours`. Pairing removes the seed-to-seed
+    spread that hides small differences in the mean ± std table."""
+    by_key = {(r["init"], r["fraction"], r["seed"]): r for r in rows}
+    lines = [
+        f"| fraction | pairs | Δ G | {ours} G higher | Δ train loss | {ours} loss lower |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fraction in sorted({r["fraction"] for r in rows}):
+        pairs = [
+            (r, by_key[(other, fraction, r["seed"])])
+            for r in rows
+            if r["init"] == ours and r["fraction"] == fraction
+            and (other, fraction, r["seed"]) in by_key
+        ]  # fmt: skip
+        if not pairs:
+            continue
+        dg = [a["g"] - b["g"] for a, b in pairs]
+        dl = [a["train_loss"] - b["train_loss"] for a, b in pairs]
+        lines.append(
+            f"| {fraction:g} | {len(pairs)} | {np.mean(dg):+.2f} | {sum(d > 0 for d in dg)} | "
+            f"{np.mean(dl):+.3f} | {sum(d < 0 for d in dl)} |"
         )
     return "\n".join(lines)
 
@@ -179,6 +208,8 @@ def report(
     for name, entries in stats.items():
         if name != "full-data":
             lines += ["", f"## {name}", _table(entries, by[name])]
+        if name == "main" and {"twist", "uniform"} <= {r["init"] for r in swept["main"]}:
+            lines += ["", "## twist vs uniform, paired by seed", paired_table(swept["main"])]
     if baselines or swept["full-data"]:
         lines += ["", "## baselines", _baseline_table(baselines, swept["full-data"])]
     if any(r["init"] == "twist" and r.get("weights") for r in table):
