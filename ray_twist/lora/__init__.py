@@ -20,6 +20,8 @@ from ray_twist.lora.rows import (
     RowFactors,
     RowLoRA,
     RowMode,
+    adapter_rows,
+    concat_rows,
     per_row_factors,
     row_lora,
 )
@@ -34,6 +36,8 @@ __all__ = [
     "RowAdapters",
     "RowFactors",
     "RowLoRA",
+    "adapter_rows",
+    "concat_rows",
     "lora_factors",
     "per_row_factors",
     "read_adapter",
