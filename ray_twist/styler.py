@@ -42,7 +42,6 @@ from ray_twist.lora import (
     row_lora,
 )
 from ray_twist.merge import ModuleFactors
-from ray_twist.merge.rows import MixtureStack, instance_factors
 from ray_twist.pool import Pool, pool_merge_sources
 from ray_twist.retrieval import InstanceRetrievalSettings, instance_retrieval
 
@@ -115,19 +114,13 @@ class Styler:
     ) -> None:
         self.backbone, self.pool = backbone, pool
         self.settings = settings or InstanceRetrievalSettings()
-        self.device = device
         self.style_keys: dict[str, np.ndarray] = {}
-        self._mixture: MixtureStack | None = None
         if pool is None:
             return
         where = None if device is None else str(device)
         self.featurizer = featurizer or Featurizer(pool.featurizer, device=where)
         self.sources = pool_merge_sources(pool, device)
-        self.sources.prepare(self.settings.rank, "sum_then_truncate")  # QR of every stack
-        if self.settings.merge_order == "truncate_then_sum":  # each source's top-q SVD, once
-            self.sources.prepare(self.settings.rank, self.settings.merge_order)
-        if "mixture" in modes:
-            self._mixture = MixtureStack(self.sources, device)
+        self.sources.prepare(self.settings.rank, self.settings.merge_order, modes)
         self.style_keys = {name: pool.style_keys[i] for i, name in enumerate(pool.sources)}
         self.style_keys.update(style_keys or {})
 
@@ -153,15 +146,9 @@ class Styler:
         return instance_retrieval(self.pool, emb, p.lam, p.tau, p.top_k, style_query=query)
 
     def row_factors(self, weights: np.ndarray, mode: RowMode = "instance") -> RowAdapters:
-        """Per-row factors of a pool mode for (T, N) source weights."""
-        w = torch.from_numpy(weights).float()
-        if mode == "mixture":
-            if self._mixture is None:
-                self._mixture = MixtureStack(self.sources, self.device)
-            return self._mixture.rows(w)
-        if mode != "instance":
-            raise ValueError(f"mode must be one of {ROW_MODES}; got {mode!r}")
-        return instance_factors(self.sources, w, self.settings.rank, self.settings.merge_order)
+        """Per-row factors of a pool mode for (T, N) source weights (`MergeSources.rows`)."""
+        p = self.settings
+        return self.sources.rows(torch.from_numpy(weights).float(), mode, p.rank, p.merge_order)
 
     def check_adapter(self, adapter: ModuleFactors) -> None:
         """Raise (KeyError, ValueError) if a named adapter does not fit the base model."""
