@@ -15,7 +15,7 @@ row sent to the server. `Styler.run`:
    with `merge_order: truncate_then_sum`, Σ_s R_s trunc_q(ΔW_s) over each source's cached
    top-q SVD (no SVD per row) — and "mixture" rows the untruncated Σ_s R_s ΔW_s over the
    stacked factors; "adapted" rows run their named adapter (or, without one, the model as
-   loaded, e.g. with an adapter merged into its weights);
+   loaded: bulk restyling merges its one adapter in with `ray_twist.lora.apply_adapter`);
 3. one `generate_ids` per group of rows that can share a forward pass: rows are split only
    by factor form (explicit per-row factors, each shared stack, none) and decoding settings.
 """

@@ -18,7 +18,7 @@ import torch
 from ray_twist import storage
 from ray_twist.backbone import Backbone, load_backbone
 from ray_twist.generation import GenerationSettings, encode
-from ray_twist.lora import Mode, RowAdapters, RowMode
+from ray_twist.lora import Mode, RowAdapters, RowMode, apply_adapter
 from ray_twist.retrieval import InstanceRetrievalSettings
 from ray_twist.styler import Part, Styler, weight_dicts
 
@@ -102,11 +102,7 @@ class Restyler:
         self.job, self.done = job, done_ids
         self.backbone = load_backbone(job.base_model, getattr(torch, job.dtype), device)
         if job.adapter is not None and job.mode == "adapted":
-            from peft import PeftModel
-
-            with storage.local_dir(job.adapter) as adapter:
-                peft = PeftModel.from_pretrained(self.backbone.model, adapter)
-                self.backbone.model = peft.merge_and_unload().eval()
+            self.backbone.model = apply_adapter(self.backbone.model, job.adapter)
         self.styler = _styler(job, self.backbone, device)
         self.row_styler = job.row_styler(self.backbone) if job.row_styler is not None else None
         self.style = job.style or (Path(job.adapter).name if job.adapter else None)
