@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "ray_twist.base",
             "ray_twist.build",
             "ray_twist.initialise",
-            "ray_twist.instance",
+            "ray_twist.styler",
             "ray_twist.adapt",
             "ray_twist.restyle",
         ),

@@ -279,20 +279,21 @@ def test_uniform_init_and_cli_merge_follow_the_order(t5_pool, tmp_path: Path, ca
 # ------------------------------------------------------------------ serving and bulk restyle
 
 
-def test_instance_styler_rows_follow_the_order(t5_pool) -> None:
-    """The per-row code serving and bulk restyle share: `row_factors` (restyle: the shared
-    truncated stack with per-row column weights) and `merged` (serving: per-row adapters)
+def test_styler_rows_follow_the_order(t5_pool) -> None:
+    """The per-row code serving and bulk restyle share: `row_factors` (the shared truncated
+    stack with per-row column weights) and `MergeSources.merge` (the adapters init writes)
     both give each row Σ_s R_s trunc_q(ΔW_s) of its own weights."""
-    from ray_twist.instance import InstanceStyler
     from ray_twist.pool import Pool
+    from ray_twist.styler import Styler
 
     pool = Pool.open(t5_pool[0])
+    backbone = load_backbone(t5_pool[1])
     settings = InstanceRetrievalSettings(rank=2, top_k=2, merge_order=TTS)
-    styler = InstanceStyler(pool, settings, "cpu", modes=("instance",))
+    styler = Styler(backbone, pool, settings, "cpu", modes=("instance",))
     weights = styler.weights(["the old dog sleeps", "a green river runs near the sun"])
     assert ((weights > 0).sum(axis=1) == 2).all()
     rows = styler.row_factors(weights, "instance")
-    merged = styler.merged(weights)
+    merged = styler.sources.merge(torch.from_numpy(weights).float(), 2, merge_order=TTS)
     for r, row in enumerate(weights):
         reference = _pool_reference(pool, dict(zip(pool.sources, row.tolist(), strict=True)), 2)
         for module, ref in reference.items():
@@ -303,7 +304,7 @@ def test_instance_styler_rows_follow_the_order(t5_pool) -> None:
             x = torch.randn(1, 3, f.a.shape[1], dtype=f.a.dtype)  # one row, 3 tokens
             assert _rel(f.select([r]).delta(x), x @ ref.T.to(f.a.dtype)) < 1e-5, module
     # sum_then_truncate: unchanged per-row rank-q factors
-    plain = InstanceStyler(pool, InstanceRetrievalSettings(rank=2, top_k=2), "cpu")
+    plain = Styler(backbone, pool, InstanceRetrievalSettings(rank=2, top_k=2), "cpu")
     assert plain.row_factors(weights)[module].a.shape == (2, 2, f.a.shape[1])
 
 
@@ -324,8 +325,7 @@ def test_serving_engine_instance_mode_uses_the_order(t5_pool, tmp_path: Path) ->
     texts = ["the old dog sleeps", "a green river runs near the sun"]
     request = RestyleRequest(texts=texts, mode="instance", max_new_tokens=6)
     [response] = engine.run([engine.prepare(request)])
-    assert engine.retriever is not None
-    [two] = engine.retriever.merged(np.array([[0.5, 0.5, 0.0]], dtype=np.float32))
+    [two] = engine.styler.sources.merge(torch.tensor([[0.5, 0.5, 0.0]]), 2, merge_order=TTS)
     assert {a.shape[0] for a, _ in two.values()} == {4}  # 2 live sources × q = 2: not q
     merge = pool_merge_sources(Pool.open(pool_uri))
     for k, (text, row, got) in enumerate(zip(texts, response.retrieval, response.outputs, strict=True)):  # fmt: skip
@@ -342,7 +342,7 @@ def _adapted(base: str, adapter: str) -> Backbone:
 
 def test_restyle_takes_the_order(tmp_path: Path, monkeypatch) -> None:
     """Bulk restyle: the config and `restyle_corpus` carry it into the job's retrieval
-    settings (what each actor's InstanceStyler runs with); the default keeps job identities
+    settings (what each actor's Styler runs with); the default keeps job identities
     (resume records) as they were."""
     from ray_twist.restyle import driver
     from ray_twist.restyle.actor import RestyleJob

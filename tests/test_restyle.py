@@ -20,7 +20,6 @@ from ray_twist.generation import generate
 from ray_twist.initialise import merge_weighted
 from ray_twist.lora import RowAdapters, read_adapter
 from ray_twist.merge import MergeSources
-from ray_twist.merge.rows import instance_factors
 from ray_twist.pool import Pool, pool_merge_sources
 from ray_twist.restyle import (
     SUMMARY_FILE,
@@ -175,7 +174,7 @@ class _LengthStyler:
         share = torch.tensor([min(len(t) / 60, 1.0) for t in texts])
         weights = torch.stack([share, 1 - share], dim=1)
         names = self.sources.names
-        return instance_factors(self.sources, weights, rank=2), [
+        return self.sources.rows(weights, "instance", rank=2), [
             dict(zip(names, row.tolist(), strict=True)) for row in weights
         ]
 

@@ -21,7 +21,6 @@ from ray_twist.generation import (
 from ray_twist.lora import RowFactors, per_row_factors, read_adapter, row_lora, write_adapter
 from ray_twist.lora.rows import RowLoRA
 from ray_twist.merge import MergeSources
-from ray_twist.merge.rows import MixtureStack, instance_factors
 
 KINDS = ["t5", "gpt2", "llama", "bert2bert"]
 TEXTS = [
@@ -106,12 +105,8 @@ def test_merged_rows_match_peft_of_the_merge(
     """mixture = the exact Σ w_s ΔW_s per row; instance = its rank-q SVD per row."""
     sources = MergeSources(["a", "b", "c"], [read_adapter(d) for d in adapters[kind]])
     rank = 3
-    if mode == "mixture":
-        factors = MixtureStack(sources).rows(WEIGHTS)
-        method = "linear"
-    else:
-        factors = instance_factors(sources, WEIGHTS, rank)
-        method = "svd"
+    factors = sources.rows(WEIGHTS, mode, rank)
+    method = "linear" if mode == "mixture" else "svd"
     refs = []
     for r in range(len(TEXTS)):
         [merged] = sources.merge(WEIGHTS[r : r + 1], rank, method=method)

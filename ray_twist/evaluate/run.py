@@ -33,6 +33,7 @@ from ray_twist.data.synthetic import STYLES, check_style
 from ray_twist.data.task import Task
 from ray_twist.evaluate.classifier import StyleClassifier
 from ray_twist.generation import GenerationSettings, encode, generate_ids
+from ray_twist.lora import apply_adapter
 from ray_twist.metrics import EvalReport, score
 from ray_twist.train import IGNORE_INDEX, tokenize_pairs
 
@@ -158,14 +159,12 @@ def load_adapted(
     adapter_dir: str, base_model: str | None = None, device: str | None = None
 ) -> Iterator[Backbone]:
     """The base model with the adapter attached (a PeftModel, adapter on), checked first."""
-    from peft import PeftModel
-
     base = base_model or adapter_base_model(adapter_dir)
     with storage.local_dir(adapter_dir) as local:
         adapter_base_model(local)  # a clear error for a missing or foreign dir
         backbone = load_backbone(base, device=device)
         _check_fits(backbone.model, local, base)
-        peft: Any = PeftModel.from_pretrained(backbone.model, local).eval()
+        peft = apply_adapter(backbone.model, local, merge=False)
         yield dataclasses.replace(backbone, model=peft)
 
 

@@ -1,13 +1,16 @@
 """LoRA factors as data: PEFT adapter dirs read and written as (A, B) factors per module, and
 per-row LoRA (every row of a batch its own adapter) as forward hooks on a plain model.
 
-    peft_io   PEFT adapter dir <-> `AdapterFactors` ({module: (A, B·scaling)} + config)
-    rows      `RowFactors`, `RowAdapters` and the `row_lora` hooks that apply them
+    peft_io   PEFT adapter dir <-> `AdapterFactors` ({module: (A, B·scaling)} + config), and
+              `apply_adapter`: one adapter for every row, through PEFT
+    rows      `RowFactors`, `RowAdapters` and the `row_lora` hooks that apply them, each
+              row its own adapter
 """
 
 from ray_twist.lora.peft_io import (
     AdapterFactors,
     AdapterFormatError,
+    apply_adapter,
     lora_factors,
     read_adapter,
     write_adapter,
@@ -20,6 +23,8 @@ from ray_twist.lora.rows import (
     RowFactors,
     RowLoRA,
     RowMode,
+    adapter_rows,
+    concat_rows,
     per_row_factors,
     row_lora,
 )
@@ -34,6 +39,9 @@ __all__ = [
     "RowAdapters",
     "RowFactors",
     "RowLoRA",
+    "adapter_rows",
+    "apply_adapter",
+    "concat_rows",
     "lora_factors",
     "per_row_factors",
     "read_adapter",

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
+
+from ray_twist import storage
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -122,3 +124,20 @@ def write_adapter(
         tensors[module + _B_SUFFIX] = b.detach().to("cpu", dtype).contiguous()
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out
+
+
+def apply_adapter(model: nn.Module, adapter_dir: str | Path, merge: bool = True) -> Any:
+    """`model` running one PEFT adapter (a dir or URI) on every row, in eval mode: merged
+    into its weights (`merge`, PEFT's `merge_and_unload`: no per-token cost; bulk restyling's
+    adapted mode) or attached (a `PeftModel`, whose `disable_adapter()` gives back the base
+    model: evaluation scores the base model's perplexity with it).
+
+    Generation applies adapters in two ways, on purpose: this one, for one adapter shared by
+    every row, and per-row LoRA hooks (`ray_twist.lora.rows`) for rows of one batch with
+    different adapters (serving, pool modes), which PEFT cannot run in one forward pass.
+    Hooks for a single adapter would add B(Ax) at every layer on every token and differ from
+    PEFT's merged weights in the last bits, changing bulk-restyle outputs.
+    """
+    with storage.local_dir(adapter_dir) as local:
+        peft = PeftModel.from_pretrained(model, local)
+        return (peft.merge_and_unload() if merge else peft).eval()

@@ -201,6 +201,38 @@ class RowAdapters(dict[str, RowFactors]):
     def hooked(self, model: nn.Module, rows: slice) -> AbstractContextManager[Any]:
         return row_lora(model, {name: f.select(rows) for name, f in self.items()})
 
+    def select(self, index: Tensor | slice | Sequence[int]) -> RowAdapters:
+        """The factors of a subset of rows, every module."""
+        return RowAdapters({name: f.select(index) for name, f in self.items()})
+
+
+def concat_rows(blocks: Sequence[Mapping[str, RowFactors]]) -> RowAdapters:
+    """Blocks of per-row factors (each with `scale` None) as one set, rows in block order, so
+    rows styled in different ways share a forward pass: ranks are zero-padded to the largest,
+    and a module a block leaves out is zero for its rows. One block comes back as it is."""
+    if not blocks:
+        raise ValueError("need at least one block of rows")
+    if any(f.scale is not None for block in blocks for f in block.values()):
+        raise ValueError("only per-row factors (scale None) concatenate; shared stacks do not")
+    modules = sorted({m for block in blocks for m in block})
+    ranks = {m: max(b[m].a.shape[1] for b in blocks if m in b) for m in modules}
+    if len(blocks) == 1 and all(blocks[0][m].a.shape[1] == ranks[m] for m in blocks[0]):
+        return RowAdapters(blocks[0])
+    rows = [next(iter(block.values())).rows for block in blocks]
+    out = RowAdapters()
+    for m in modules:
+        like, q = next(b[m] for b in blocks if m in b), ranks[m]
+        a_parts, b_parts = [], []
+        for block, n in zip(blocks, rows, strict=True):
+            f = block.get(m)
+            if f is None:
+                f = RowFactors(like.a.new_zeros(n, q, like.a.shape[2]),
+                               like.b.new_zeros(n, like.b.shape[1], q))  # fmt: skip
+            a_parts.append(nn.functional.pad(f.a, (0, 0, 0, q - f.a.shape[1])))
+            b_parts.append(nn.functional.pad(f.b, (0, q - f.b.shape[2])))
+        out[m] = RowFactors(torch.cat(a_parts), torch.cat(b_parts))
+    return out
+
 
 def per_row_factors(
     adapters: Sequence[Mapping[str, tuple[Tensor, Tensor]]],
@@ -213,11 +245,14 @@ def per_row_factors(
     for i, adapter in enumerate(adapters):
         if set(adapter) != modules:
             raise ValueError(f"row {i} has different LoRA modules than row 0")
-    out = RowAdapters()
-    for module in sorted(modules):
-        pairs = [adapter[module] for adapter in adapters]
-        q = max(a.shape[0] for a, _ in pairs)
-        a = torch.stack([nn.functional.pad(a, (0, 0, 0, q - a.shape[0])) for a, _ in pairs])
-        b = torch.stack([nn.functional.pad(b, (0, q - b.shape[1])) for _, b in pairs])
-        out[module] = RowFactors(a, b)
-    return out
+    return concat_rows([adapter_rows(adapter, 1) for adapter in adapters])
+
+
+def adapter_rows(adapter: Mapping[str, tuple[Tensor, Tensor]], rows: int) -> RowAdapters:
+    """One adapter for `rows` rows of a batch, as per-row factors."""
+    return RowAdapters(
+        {
+            m: RowFactors(a.unsqueeze(0).repeat(rows, 1, 1), b.unsqueeze(0).repeat(rows, 1, 1))
+            for m, (a, b) in sorted(adapter.items())
+        }
+    )

@@ -1,5 +1,7 @@
-"""Merging LoRA factors: the factored SVD merge (batched, CPU/GPU, both merge orders), a pool's
-sources as one factor stack, and per-row mixtures. Adapter I/O is in `ray_twist.lora`."""
+"""Merging LoRA factors. The public API is `MergeSources`, a set of sources as one factor
+stack: `merge` (one adapter per target) and `rows` (per-row factors to generate with), over
+the factored SVD merge of `ray_twist.merge.factored` (batched, CPU/GPU, both merge orders;
+`merge_lora_factors` for one module's factors). Adapter I/O is in `ray_twist.lora`."""
 
 from ray_twist.merge.factored import (
     DEFAULT_MERGE_ORDER,

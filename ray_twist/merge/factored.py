@@ -43,18 +43,6 @@ MERGE_ORDERS: tuple[MergeOrder, ...] = ("sum_then_truncate", "truncate_then_sum"
 DEFAULT_MERGE_ORDER: MergeOrder = "sum_then_truncate"
 
 
-__all__ = [
-    "MERGE_METHODS",
-    "MERGE_ORDERS",
-    "FactorStack",
-    "MergeMethod",
-    "MergeOrder",
-    "TruncatedStack",
-    "dense_svd_merge",
-    "merge_lora_factors",
-    "truncate_factors",
-]
-
 MergeMethod = Literal["svd", "linear", "dense-svd"]
 MERGE_METHODS: tuple[MergeMethod, ...] = ("svd", "linear", "dense-svd")
 
@@ -113,7 +101,7 @@ class FactorStack:
 
     def column_weights(self, weights: Tensor) -> Tensor:
         """(T, N) source weights → (T, Nr) per stacked column."""
-        return _column_weights(weights, self.ranks)
+        return column_weights(weights, self.ranks)
 
     def cores(self, weights: Tensor) -> Tensor:
         """(T, k_b, k_a) cores R_B D(w) R_Aᵀ, in float64."""
@@ -163,7 +151,7 @@ def _pad_rank(a_t: Tensor, b_t: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return torch.cat([a_t, a_pad], dim=1), torch.cat([b_t, b_pad], dim=2)
 
 
-def _column_weights(weights: Tensor, ranks: tuple[int, ...]) -> Tensor:
+def column_weights(weights: Tensor, ranks: tuple[int, ...]) -> Tensor:
     """(T, N) source weights → (T, Σ ranks): each source's weight repeated over its columns."""
     if weights.ndim != 2 or weights.shape[1] != len(ranks):
         raise ValueError(
@@ -227,7 +215,7 @@ class TruncatedStack:
 
     def column_weights(self, weights: Tensor) -> Tensor:
         """(T, N) source weights → (T, K) per stacked column."""
-        return _column_weights(weights, self.ranks)
+        return column_weights(weights, self.ranks)
 
     def merge(self, weights: Tensor) -> tuple[Tensor, Tensor]:
         """Σ_s w_s trunc_q(ΔW_s) exactly, as (A_t (T,K,d_in), B_t (T,d_out,K)); no SVD."""

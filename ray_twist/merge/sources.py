@@ -1,20 +1,34 @@
-"""A named set of source adapters, merged per module for many targets at once.
+"""The public merge API: a named set of source adapters as one factor stack, merged for many
+targets at once.
 
-The QR factors of each module's stack (`sum_then_truncate`) and each source's own top-q SVD
-(`truncate_then_sum`, per q) are computed on first use and kept: every target merged from the
-same sources (a pool generation) reuses them.
+`MergeSources.merge` gives each target its adapter ({module → (A, B)}, what init,
+`merge_targets` and `adapt` write); `MergeSources.rows` gives a batch's rows their per-row
+factors (`ray_twist.lora.RowAdapters`, what serving and bulk restyling generate with). Both
+run `merge_modules`, the one per-module dispatch over `ray_twist.merge.factored`. The QR
+factors of each module's stack (`sum_then_truncate`), each source's own top-q SVD
+(`truncate_then_sum`, per q) and the concatenated factors of untruncated mixtures are
+computed on first use (or by `prepare`) and kept: every target merged from the same sources
+(a pool generation) reuses them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from ray_twist.lora.peft_io import AdapterFactors
-from ray_twist.merge import DEFAULT_MERGE_ORDER, MergeOrder
-from ray_twist.merge.factored import FactorStack, MergeMethod, TruncatedStack, merge_lora_factors
+from ray_twist.lora.rows import ROW_MODES, RowAdapters, RowFactors, RowMode
+from ray_twist.merge.factored import (
+    DEFAULT_MERGE_ORDER,
+    FactorStack,
+    MergeMethod,
+    MergeOrder,
+    TruncatedStack,
+    column_weights,
+    merge_lora_factors,
+)
 
 ModuleFactors = dict[str, tuple[Tensor, Tensor]]
 
@@ -46,6 +60,7 @@ class MergeSources:
         self.dtype = dtype
         self._stacks: dict[str, FactorStack] = {}
         self._truncated: dict[tuple[str, int], TruncatedStack] = {}
+        self._concatenated: dict[str, tuple[Tensor, Tensor]] = {}
 
     @property
     def template(self) -> dict:
@@ -73,13 +88,32 @@ class MergeSources:
             )
         return self._truncated[(module, rank)]
 
-    def prepare(self, rank: int, merge_order: MergeOrder = DEFAULT_MERGE_ORDER) -> None:
-        """Compute what merges at `rank` in `merge_order` need up front (QR or truncations)."""
+    def concatenated(self, module: str) -> tuple[Tensor, Tensor]:
+        """The module's sources' factors side by side, (A_all (K, d_in), B_all (d_out, K)),
+        K = Σ r_s, on the sources' device (cached): the untruncated mixtures of `rows`."""
+        if module not in self._concatenated:
+            a_list, b_list = self.factors(module)
+            self._concatenated[module] = (
+                torch.cat(a_list).to(self.device),
+                torch.cat(b_list, 1).to(self.device),
+            )
+        return self._concatenated[module]
+
+    def prepare(
+        self,
+        rank: int,
+        merge_order: MergeOrder = DEFAULT_MERGE_ORDER,
+        modes: Sequence[RowMode] = ("instance",),
+    ) -> None:
+        """Compute up front (not inside a first request) what merges at `rank` in
+        `merge_order` and `rows` in `modes` need: every module's QR stack, each source's
+        top-q SVD for `truncate_then_sum`, the concatenated factors for "mixture"."""
         for module in self.modules:
+            self.stack(module)
             if merge_order == "truncate_then_sum":
                 self.truncated(module, rank)
-            else:
-                self.stack(module)
+            if "mixture" in modes:
+                self.concatenated(module)
 
     def weights_tensor(self, weights: list[dict[str, float]] | Tensor) -> Tensor:
         """(T, N) weights from a tensor or from {source name → weight} dicts (missing = 0)."""
@@ -148,6 +182,40 @@ class MergeSources:
         if merge_order == "truncate_then_sum":
             targets = [_common_rank(out) for out in targets]
         return targets
+
+    def rows(
+        self,
+        weights: list[dict[str, float]] | Tensor,
+        mode: RowMode,
+        rank: int,
+        merge_order: MergeOrder = DEFAULT_MERGE_ORDER,
+    ) -> RowAdapters:
+        """Per-row factors for (R, N) source weights, stacked as the merge makes them.
+
+        "instance": each row's Σ_s w_s ΔW_s truncated to rank q by SVD (one batched core SVD
+        per module) — with `truncate_then_sum`, each row's Σ_s w_s trunc_q(ΔW_s) exactly, as
+        the cached truncated stack shared by all rows with per-row column weights (rank
+        Σ_s min(q, r_s), no SVD). "mixture": the untruncated Σ_s w_s ΔW_s as the concatenated
+        factors with per-row column weights, y = W x + B_all (d_row ⊙ (A_all x)): exact, at
+        Σ r_s·(d_in + d_out) extra MACs per token.
+        """
+        w = self.weights_tensor(weights)
+        if mode not in ROW_MODES:
+            raise ValueError(f"mode must be one of {ROW_MODES}; got {mode!r}")
+        out = RowAdapters()
+        if mode == "instance" and merge_order != "truncate_then_sum":
+            for module, a_t, b_t in self.merge_modules(w, rank):
+                out[module] = RowFactors(a_t, b_t)
+            return out
+        for module in self.modules:
+            if mode == "mixture":
+                a, b = self.concatenated(module)
+                ranks = tuple(int(x.shape[0]) for x in self.factors(module)[0])
+                out[module] = RowFactors(a, b, column_weights(w.to(a), ranks))
+            else:
+                stack = self.truncated(module, rank)
+                out[module] = RowFactors(stack.a, stack.b, stack.column_weights(w.to(stack.a)))
+        return out
 
 
 def _common_rank(modules: ModuleFactors) -> ModuleFactors:

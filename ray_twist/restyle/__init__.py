@@ -24,11 +24,11 @@ Modes:
     instance  `pool=URI`: per row, instance retrieval over the pool (λ, τ, top-k) and the
               rank-q truncated SVD merge of the sources: the paper's per-sentence TWIST
     mixture   `pool=URI`: per row, the untruncated retrieval-weighted sum of the sources
-Both pool modes run `ray_twist.instance.InstanceStyler`, the code serving uses, loaded once
-per actor; a part's rows are retrieved and merged together and decoded `batch_size` rows per
-forward pass with per-row LoRA hooks (`ray_twist.lora.rows`). Other per-row stylers plug in
-through `row_styler`: a factory, built once per actor from the loaded base model, mapping a
-batch of texts to per-row factors and source weights.
+Every mode runs `ray_twist.styler.Styler`, the code serving uses, loaded once per actor; a
+part's rows are retrieved and merged together and decoded `batch_size` rows per forward pass
+with per-row LoRA hooks (`ray_twist.lora.rows`). Other per-row stylers plug in through
+`row_styler`: a factory, built once per actor from the loaded base model, mapping a batch of
+texts to per-row factors and source weights.
 """
 
 from ray_twist.restyle.actor import (

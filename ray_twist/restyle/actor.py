@@ -7,7 +7,6 @@ import io
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,10 @@ import torch
 
 from ray_twist import storage
 from ray_twist.backbone import Backbone, load_backbone
-from ray_twist.generation import GenerationSettings, encode, generate_ids
-from ray_twist.lora import Mode, RowAdapters
+from ray_twist.generation import GenerationSettings, encode
+from ray_twist.lora import Mode, RowAdapters, RowMode, apply_adapter
 from ray_twist.retrieval import InstanceRetrievalSettings
+from ray_twist.styler import Part, Styler, weight_dicts
 
 #: Texts of a batch → (per-row LoRA factors by module, per-row {source → weight}).
 RowStyler = Callable[[list[str]], tuple[RowAdapters, list[dict[str, float]]]]
@@ -76,21 +76,20 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def _pool_styler(job: RestyleJob, device: str) -> RowStyler:
-    """The pool-backed per-row styler, the code serving uses (`ray_twist.instance`)."""
-    from ray_twist.instance import InstanceStyler
-    from ray_twist.lora import RowMode
+def _styler(job: RestyleJob, backbone: Backbone, device: str) -> Styler:
+    """The styler serving runs too (`ray_twist.styler`), over the job's pool if it has one."""
+    if job.pool is None:
+        return Styler(backbone)
     from ray_twist.pool import Pool
 
-    pool = Pool.open(str(job.pool))
+    pool = Pool.open(job.pool)
     if pool.generation != job.pool_generation:
         raise RuntimeError(
             f"pool {job.pool} is at generation {pool.generation}; this run started at "
             f"{job.pool_generation} (the pool changed mid-run): restyle to a new output"
         )
     mode: RowMode = "mixture" if job.mode == "mixture" else "instance"
-    styler = InstanceStyler(pool, job.retrieval, device, modes=(mode,))
-    return partial(styler, style=job.style, mode=mode)
+    return Styler(backbone, pool, job.retrieval, device, modes=(mode,))
 
 
 class Restyler:
@@ -103,16 +102,9 @@ class Restyler:
         self.job, self.done = job, done_ids
         self.backbone = load_backbone(job.base_model, getattr(torch, job.dtype), device)
         if job.adapter is not None and job.mode == "adapted":
-            from peft import PeftModel
-
-            with storage.local_dir(job.adapter) as adapter:
-                peft = PeftModel.from_pretrained(self.backbone.model, adapter)
-                self.backbone.model = peft.merge_and_unload().eval()
-        self.row_styler: RowStyler | None = None
-        if job.pool is not None:
-            self.row_styler = _pool_styler(job, device)
-        elif job.row_styler is not None:
-            self.row_styler = job.row_styler(self.backbone)
+            self.backbone.model = apply_adapter(self.backbone.model, job.adapter)
+        self.styler = _styler(job, self.backbone, device)
+        self.row_styler = job.row_styler(self.backbone) if job.row_styler is not None else None
         self.style = job.style or (Path(job.adapter).name if job.adapter else None)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
@@ -149,7 +141,11 @@ class Restyler:
         them at once, then decode `batch_size` rows per forward pass, as serving does."""
         texts = [r["text"] for r in rows]
         factors, weights = self.row_styler(texts) if self.row_styler else (None, None)
-        outputs = generate_ids(self.backbone, ids, self.job.settings, self.job.batch_size, factors)
+        part = Part(texts, ids, self.job.mode, self.job.settings, self.job.style, factors=factors)
+        [styled], _ = self.styler.run([part], self.job.batch_size)
+        if styled.weights is not None:
+            weights = weight_dicts(self.styler.names, styled.weights)
+        outputs = styled.outputs
         table = pa.table(
             {"id": [r["id"] for r in rows], "input": texts, "output": outputs,
              "style": [self.style] * len(rows)}, schema=OUTPUT_SCHEMA,
