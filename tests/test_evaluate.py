@@ -219,6 +219,13 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
         plot_vs_rank(rows, tmp_path / "q.png", metrics, "t"),
     ):
         assert Path(path).read_bytes()[:4] == b"\x89PNG"
+    # real text has no rule checker: its panel is left out, and a plot of nothing is refused
+    two = Path(plot_vs_fraction(rows, tmp_path / "two.png", metrics, "t")).stat().st_size
+    no_rules = [{**r, "g_rule": None} for r in rows]
+    one = Path(plot_vs_fraction(no_rules, tmp_path / "one.png", metrics, "t")).stat().st_size
+    assert one < two
+    with pytest.raises(ValueError, match="no row has any of the metrics"):
+        plot_vs_fraction(no_rules, tmp_path / "none.png", {"g_rule": "rules"}, "t")
     emb = np.random.default_rng(0).normal(size=(30, 8))
     path = plot_style_map(emb, ["a"] * 15 + ["b"] * 15, tmp_path / "u.png", "t")
     assert Path(path).stat().st_size > 1000

@@ -60,7 +60,13 @@ def _curves(
     xlabel: str,
     log_base: float,
 ) -> str:
-    """One panel per metric (column → panel title): mean ± std of it vs `x`, a line per init."""
+    """One panel per metric (column → panel title): mean ± std of it vs `x`, a line per init.
+    A metric no row has (the rule checker on real text) gets no panel."""
+    metrics = {k: v for k, v in metrics.items() if any(r.get(k) is not None for r in rows)}
+    if not metrics:
+        raise ValueError(
+            f"no row has any of the metrics to plot; rows have {sorted(rows[0]) if rows else []}"
+        )
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, (key, panel) in zip(axes[0], metrics.items(), strict=True):
