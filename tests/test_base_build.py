@@ -3,6 +3,7 @@ copy a toy corpus on Ray Train + DeepSpeed; reuse, resume after a kill, the reco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -136,9 +138,20 @@ def test_cli_refuses_bad_flags(tmp_path: Path, capsys) -> None:
     assert "steps" in capsys.readouterr().err
 
 
+def _registered(snapshots: Iterable[Path]) -> bool:
+    """Whether a Ray Train checkpoint-manager snapshot lists a registered checkpoint."""
+    for snapshot in snapshots:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(snapshot.read_text())["checkpoint_results"]:
+                return True
+    return False
+
+
 def test_killed_build_resumes_from_its_checkpoint(ray_session, tmp_path: Path) -> None:
-    """Kill the whole `twist base build` process group after its first checkpoint, then
-    build again: the run resumes from that checkpoint rather than from step 0."""
+    """Kill the whole `twist base build` process group once Ray Train has registered its
+    first checkpoint, then build again: the run resumes from that checkpoint rather than
+    from step 0. (A checkpoint dir on disk is not yet registered: the controller registers
+    it on its next poll, and only registered checkpoints are resumed from.)"""
     encoder = _tiny_encoder(tmp_path / "encoder")
     out = tmp_path / "base"
     config = _config(tmp_path, encoder, str(out), steps=400)
@@ -152,7 +165,7 @@ def test_killed_build_resumes_from_its_checkpoint(ray_session, tmp_path: Path) -
     runs = out / ".build"
     deadline = time.time() + 300
     try:
-        while not list(runs.glob("*/runs/base/checkpoint_*/trainer_state.json")):
+        while not _registered(runs.glob("*/runs/base/checkpoint_manager_snapshot.json")):
             assert proc.poll() is None, "the build ended before its first checkpoint"
             assert time.time() < deadline, "no checkpoint within 5 minutes"
             time.sleep(1)
