@@ -24,7 +24,6 @@ and a changed setting never resumes a stale one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from ray_twist.initialise import RETRIEVAL_FILE, init_target, merge_weighted
 from ray_twist.merge import MergeMethod
 from ray_twist.pool import Pool, pool_merge_sources, validate_name
 from ray_twist.retrieval import RetrievalSettings
-from ray_twist.settings import Settings
+from ray_twist.settings import Settings, json_digest
 from ray_twist.train import TrainResult, train_lora
 from ray_twist.train.config import (
     DeepSpeedSettings,
@@ -73,7 +72,7 @@ class AdaptResult:
 
 def run_name(task: Task, config: AdaptConfig, pool: Pool | None, base_model: str) -> str:
     """`<task>-<init>-<12 hex>`: the hash covers everything that changes the trained adapter."""
-    blob = json.dumps(
+    digest = json_digest(
         {
             "data": task.content_hash(),
             "config": config.model_dump(
@@ -81,10 +80,9 @@ def run_name(task: Task, config: AdaptConfig, pool: Pool | None, base_model: str
             ),
             "pool": [pool.uri, pool.generation] if pool is not None else None,
             "base": base_model,
-        },
-        sort_keys=True,
-    ).encode()
-    return f"{task.name}-{config.init}-{hashlib.sha256(blob).hexdigest()[:12]}"
+        }
+    )
+    return f"{task.name}-{config.init}-{digest[:12]}"
 
 
 def init_adapter(

@@ -9,7 +9,6 @@ Tiny random models of each family, saved to a directory, serve tests and benchma
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -37,6 +36,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     T5Config,
 )
+
+from ray_twist.settings import json_digest
 
 Family = Literal["seq2seq", "causal", "encoder-decoder"]
 TinyKind = Literal["t5", "gpt2", "llama", "bert2bert"]
@@ -354,8 +355,6 @@ def load_backbone(
 
 def config_hash(name_or_path: str) -> str:
     """A stable hash of the model config: pools refuse adapters of a different base."""
-    import hashlib
-
     cfg = _load_config(name_or_path).to_dict()
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
         cfg.pop(volatile, None)
@@ -363,8 +362,7 @@ def config_hash(name_or_path: str) -> str:
             if isinstance(cfg.get(sub), dict):
                 cfg[sub].pop(volatile, None)
                 cfg[sub].pop("_name_or_path", None)
-    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_digest(cfg)[:16]
 
 
 def _tiny_config(kind: TinyKind, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:

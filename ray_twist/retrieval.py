@@ -171,7 +171,8 @@ class RetrievalSettings(Settings):
         default=DEFAULT_KEY_EXAMPLES,
         ge=1,
         description="a target task is keyed on a seeded sample of at most this many examples "
-        "(None: all); keying 28k pairs on one core takes ~15 min, 1000 under a minute",
+        "(None: all); keying 28k pairs on one core takes ~15 min, 1000 under a minute. Pool "
+        "sources are keyed on all their (already capped) data by the pool build",
     )
 
     @model_serializer(mode="wrap")

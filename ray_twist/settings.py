@@ -9,13 +9,15 @@ errors into one message per problem that names the file and the dotted key path
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ConfigError", "Settings", "format_validation_error", "load_yaml"]
+__all__ = ["ConfigError", "Settings", "format_validation_error", "json_digest", "load_yaml"]
 
 
 class Settings(BaseModel):
@@ -53,3 +55,9 @@ def load_yaml(path: str | Path, model_cls: type[M]) -> M:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from exc
+
+
+def json_digest(value: Any) -> str:
+    """sha256 (hex) of `value` as sorted-key JSON: the content key of settings, runs and
+    builds, stable across dict order and process restarts."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()

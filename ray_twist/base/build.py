@@ -33,6 +33,7 @@ from ray_twist import storage
 from ray_twist.base.config import BaseBuildConfig, CopyNoiseSettings
 from ray_twist.base.warm_start import used_token_ids, warm_start
 from ray_twist.data.denoise import corrupt
+from ray_twist.settings import json_digest
 from ray_twist.train.config import ResourceSettings, TrainingSettings
 
 if TYPE_CHECKING:
@@ -69,8 +70,7 @@ def _digest_files(uris: list[str]) -> str:
 def build_key(config: BaseBuildConfig, text_digest: str) -> str:
     """What the weights depend on: the texts' bytes and every keyed setting."""
     settings = config.model_dump(mode="json", exclude=_UNKEYED)
-    blob = json.dumps({"texts": text_digest, "settings": settings}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_digest({"texts": text_digest, "settings": settings})[:16]
 
 
 def _read_texts(uris: list[str], column: str) -> Dataset:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -56,6 +55,7 @@ from ray_twist.data import denoising_task, make_world, read_task, read_texts
 from ray_twist.data.task import Task
 from ray_twist.features import TaskKey, task_keys
 from ray_twist.pool import MANIFEST, Pool, PoolMismatchError, SourceEntry, add_sources
+from ray_twist.settings import json_digest
 from ray_twist.train import TrainManyError, TrainResult, train_many
 
 # ---------------------------------------------------------------- inputs and hashes
@@ -124,7 +124,7 @@ def training_hash(config: BuildPoolConfig, base_model: str) -> str:
         "precision": config.deepspeed.precision,
         "num_workers": config.resources.num_workers,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return json_digest(payload)
 
 
 def _run_name(name: str, data_hash: str, train_hash: str) -> str:

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from ray_twist.data.readers import DataError, jsonl_objects
-from ray_twist.settings import Settings
+from ray_twist.settings import Settings, json_digest
 
 __all__ = [
     "AlignedCorpusSettings",
@@ -252,7 +252,7 @@ def _digest(settings: AlignedCorpusSettings, inputs: dict[str, str]) -> str:
         "settings": settings.model_dump(mode="json", exclude={"dir"}),
         "inputs": inputs,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return json_digest(payload)
 
 
 def _existing(out: Path, digest: str) -> dict[str, Any] | None:

@@ -61,20 +61,16 @@ def paired_table(
     """`ours` minus `other` run by run (same fraction and seed, so the same training batches):
     mean differences and how many pairs favour `ours`. Pairing removes the seed-to-seed
     spread that hides small differences in the mean ± std table."""
-    by_key = {(r["init"], r["fraction"], r["seed"]): r for r in rows}
+    by_run = {(r["init"], r["fraction"], r["seed"]): r for r in rows}
+    pairs_by_fraction: dict[float, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for (init, fraction, seed), row in sorted(by_run.items()):
+        if init == ours and (other, fraction, seed) in by_run:
+            pairs_by_fraction.setdefault(fraction, []).append((row, by_run[other, fraction, seed]))
     lines = [
         f"| fraction | pairs | Δ G | {ours} G higher | Δ train loss | {ours} loss lower |",
         "|---|---|---|---|---|---|",
     ]
-    for fraction in sorted({r["fraction"] for r in rows}):
-        pairs = [
-            (r, by_key[(other, fraction, r["seed"])])
-            for r in rows
-            if r["init"] == ours and r["fraction"] == fraction
-            and (other, fraction, r["seed"]) in by_key
-        ]  # fmt: skip
-        if not pairs:
-            continue
+    for fraction, pairs in pairs_by_fraction.items():
         dg = [a["g"] - b["g"] for a, b in pairs]
         dl = [a["train_loss"] - b["train_loss"] for a, b in pairs]
         lines.append(

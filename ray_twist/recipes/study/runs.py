@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -11,13 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_twist import storage
-from ray_twist.adapt import ADAPT_FILE, AdaptConfig, InitMethod
+from ray_twist.adapt import AdaptConfig, InitMethod
 from ray_twist.data.task import Task
 from ray_twist.evaluate.classifier import StyleClassifier, shared_featurizer
 from ray_twist.evaluate.run import TestSet, evaluate_adapter
 from ray_twist.merge import DEFAULT_MERGE_ORDER, MergeOrder
 from ray_twist.recipes.study.config import StudyConfig
 from ray_twist.retrieval import RetrievalSettings
+from ray_twist.settings import json_digest
 
 __all__ = ["Context", "RunSpec", "execute", "finished_row", "fingerprints", "plan_runs", "run_one"]
 
@@ -111,10 +111,6 @@ class Context:
     fingerprints: dict[str, str]  # see `fingerprints`
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def fingerprints(config: StudyConfig, pool: str, target: Task, test: TestSet) -> dict[str, str]:
     """What a finished run's row depends on beyond its `RunSpec`: `setup` (data, judge,
     training, evaluation and retrieval settings) and `pool` (the pool generation's manifest:
@@ -128,7 +124,7 @@ def fingerprints(config: StudyConfig, pool: str, target: Task, test: TestSet) ->
         "target": target.content_hash(),
         "test": [test.sources, test.references],
     }
-    return {"setup": _digest(setup), "pool": _digest(Pool.open(pool).manifest)}
+    return {"setup": json_digest(setup)[:16], "pool": json_digest(Pool.open(pool).manifest)[:16]}
 
 
 def _depends_on(spec: RunSpec) -> list[str]:
@@ -220,11 +216,6 @@ def finished_row(out: str, spec: RunSpec, current: dict[str, str]) -> dict[str, 
     if any(recorded.get(k) != current[k] for k in _depends_on(spec)):
         return None
     row: dict[str, Any] = record["row"]
-    row.setdefault("merge_order", DEFAULT_MERGE_ORDER)  # runs from before the setting
-    if "train_loss" not in row:  # runs from before the column: their adapter's own record
-        adapter_record = storage.join(out, "adapters", spec.name, ADAPT_FILE)
-        history = json.loads(storage.read_bytes(adapter_record))["history"]
-        row["train_loss"] = _mean_loss(history)
     return row
 
 
