@@ -120,10 +120,10 @@ class Generator:
         self.loads = 0
         self.cached: dict[str, _Cached] = {}
 
-        async def load(name: str) -> _Cached:  # a plain function: Serve keeps its LRU on it
-            factors = await asyncio.to_thread(self.engine.load_adapter, name)
+        async def load(model_id: str) -> _Cached:  # a plain function: Serve keeps its LRU on it
+            factors = await asyncio.to_thread(self.engine.load_adapter, model_id)
             self.loads += 1
-            return _Cached(name, factors, self.cached)
+            return _Cached(model_id, factors, self.cached)
 
         size = config.generator.max_adapters_per_replica
         self._adapter = serve.multiplexed(max_num_models_per_replica=size)(load)
@@ -136,7 +136,7 @@ class Generator:
         """Check and tokenize one request, then wait for its place in a batch."""
         work = self.engine.prepare(request)
         if request.mode == "adapted" and work.style is not None:
-            work.adapter = (await self._adapter(work.style.name)).factors
+            work.adapter = (await self._adapter(work.style.model_id)).factors
         return await (await self._batch(work))
 
     @serve.batch(max_batch_size=32, batch_size_fn=lambda works: sum(len(w.ids) for w in works))
@@ -145,9 +145,12 @@ class Generator:
         return self._passes.submit(works)
 
     def stats(self) -> dict[str, Any]:
-        """Replica id, adapters now cached, and how many were loaded and evicted."""
+        """Replica id, the pool generation it serves, adapters now cached (pool sources as
+        name@generation), and how many were loaded and evicted."""
+        pool = self.engine.pool
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
+            "pool_generation": pool.generation if pool is not None else None,
             "adapters": sorted(self.cached),
             "loads": self.loads,
             "evictions": self.loads - len(self.cached),
