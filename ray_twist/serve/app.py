@@ -28,7 +28,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from ray_twist.merge import ModuleFactors
-from ray_twist.pool import Pool
+from ray_twist.pool import Pool, PoolGenerationGoneError
 from ray_twist.serve.api import (
     ApiError,
     ErrorBody,
@@ -37,7 +37,7 @@ from ray_twist.serve.api import (
     parse_restyle,
 )
 from ray_twist.serve.config import ServeConfig
-from ray_twist.serve.engine import Catalog, Engine, Work
+from ray_twist.serve.engine import Catalog, Engine, StyleEntry, Work
 from ray_twist.settings import ConfigError, format_validation_error, load_yaml
 from ray_twist.storage import absolute, absolute_or_none
 
@@ -136,7 +136,12 @@ class Generator:
         """Check and tokenize one request, then wait for its place in a batch."""
         work = self.engine.prepare(request)
         if request.mode == "adapted" and work.style is not None:
-            work.adapter = (await self._adapter(work.style.model_id)).factors
+            try:
+                cached = await self._adapter(work.style.model_id)
+            except PoolGenerationGoneError:  # the engine now serves the newest generation
+                work = self.engine.prepare(request)
+                cached = await self._adapter(cast(StyleEntry, work.style).model_id)
+            work.adapter = cached.factors
         return await (await self._batch(work))
 
     @serve.batch(max_batch_size=32, batch_size_fn=lambda works: sum(len(w.ids) for w in works))

@@ -11,9 +11,9 @@ and factors, all in memory) and requests see no change during a commit. When a s
 must load lazily (a pool source named in adapted mode) has been garbage-collected because
 newer generations exist, the engine reopens the newest generation, rebuilds its catalog and
 styler on it (retrieval recomputed there, never keys of one generation with factors of
-another) and loads the source from it; batches already running finish on the old one.
-Adapters cached per replica are keyed by generation (`StyleEntry.model_id`), so none
-outlives a reload.
+another), and the request is prepared again and served from it; batches already running
+finish on the old one. Adapters cached per replica are keyed by generation
+(`StyleEntry.model_id`), so none outlives a reload.
 """
 
 from __future__ import annotations
@@ -185,26 +185,32 @@ class Engine:
 
     def load_adapter(self, model_id: str) -> ModuleFactors:
         """A named style's factors (by `StyleEntry.model_id`) on the model's device, checked
-        against the model; a pool source whose generation is gone comes from the newest."""
-        name = model_id.split("@")[0]
+        against the model. A pool source of a generation this engine no longer serves, or
+        one garbage collection has taken (the engine then reloads), raises
+        `PoolGenerationGoneError`: prepare the request again, on the newest generation."""
         try:
-            try:
-                modules = self._read_adapter(name)
-            except PoolGenerationGoneError as exc:
-                self.reload_pool(exc.generation)
-                modules = self._read_adapter(name)
+            modules = self._read_adapter(model_id)
             modules = {m: (a.to(self.device), b.to(self.device)) for m, (a, b) in modules.items()}
             with self._lock:  # fails here, at load, if the adapter does not fit the base model
                 self.styler.check_adapter(modules)
+        except PoolGenerationGoneError:
+            raise
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ApiError(500, "adapter_unavailable", "style", f"{name!r}: {exc}") from exc
+            raise ApiError(500, "adapter_unavailable", "style", f"{model_id!r}: {exc}") from exc
         return modules
 
-    def _read_adapter(self, name: str) -> ModuleFactors:
+    def _read_adapter(self, model_id: str) -> ModuleFactors:
+        name, _, generation = model_id.partition("@")
         entry, pool = self.catalog.entries[name], self.pool
-        if entry.kind == "pool" and pool is not None:
+        if entry.kind != "pool" or pool is None:
+            return read_adapter_uri(str(entry.adapter))
+        if entry.model_id != model_id:  # prepared before a reload
+            raise PoolGenerationGoneError(pool.uri, int(generation), pool.generation)
+        try:
             return pool.load_factors(name)
-        return read_adapter_uri(str(entry.adapter))
+        except PoolGenerationGoneError as exc:
+            self.reload_pool(exc.generation)
+            raise
 
     def run(self, works: list[Work]) -> list[RestyleResponse]:
         """Restyle a batch: one retrieval pass, one merge pass, one forward pass per group."""
