@@ -1,4 +1,5 @@
-"""The weight pool on real files and a real S3-compatible server (moto, on loopback)."""
+"""The weight pool on real files and a real S3-compatible server (moto, on loopback): round
+trips, checksums, refusals, killed and concurrent writers, garbage collection."""
 
 from __future__ import annotations
 
