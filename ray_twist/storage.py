@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +92,73 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         os.replace(tmp, target)
     else:
         write_bytes(uri, data)
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create `uri` holding `data` unless it exists: True if this call created it.
+
+    The commit primitive of a pool: of concurrent callers at most one gets True, and no
+    reader sees a partial file. Local: a temp file hard-linked to the name (`link` fails if
+    the name exists). s3://: a PUT with `If-None-Match: *` (boto3; AWS S3, MinIO and moto
+    honour it). Other stores (gs://) offer no conditional create through pyarrow: there an
+    existence check precedes the PUT, which is not exclusive against a concurrent caller.
+    """
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+    if str(uri).startswith("s3://"):
+        return _s3_put_if_absent(str(uri), data)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return False
+    write_bytes(uri, data)
+    return True
+
+
+def _s3_put_if_absent(uri: str, data: bytes) -> bool:
+    """PutObject with If-None-Match: *, reaching the endpoint `resolve` reaches (the URI's
+    `endpoint_override`/`scheme`/`region`/keys query, else AWS_ENDPOINT_URL[_S3] and the
+    AWS default credential chain, as boto3 reads them)."""
+    import boto3.session
+    from botocore.exceptions import ClientError
+
+    location, _, query = uri[len("s3://") :].partition("?")
+    bucket, _, key = location.partition("/")
+    params = dict(urllib.parse.parse_qsl(query))
+    endpoint = params.get("endpoint_override")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{params.get('scheme', 'https')}://{endpoint}"
+    client = boto3.session.Session().client(  # a session per call: thread-safe
+        "s3",
+        endpoint_url=endpoint,
+        region_name=params.get("region") or os.environ.get("AWS_DEFAULT_REGION"),
+        aws_access_key_id=params.get("access_key"),
+        aws_secret_access_key=params.get("secret_key"),
+    )
+    for attempt in range(3):
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code == "PreconditionFailed":
+                return False
+            if code != "ConditionalRequestConflict":  # 409: a concurrent create is under way
+                raise OSError(f"{uri}: conditional PUT failed: {exc}") from exc
+            time.sleep(0.2 * (attempt + 1))
+    return False  # still contended: report a conflict rather than guess
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:

@@ -1,10 +1,19 @@
-"""The weight pool on real files and a real S3-compatible server (moto, on loopback)."""
+"""The weight pool on real files and a real S3-compatible server (moto, on loopback): round
+trips, checksums, refusals, killed and concurrent writers, garbage collection."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +25,9 @@ from ray_twist.backbone import default_lora_targets, fan_in_fan_out, load_backbo
 from ray_twist.features import TaskKey
 from ray_twist.pool import (
     Pool,
+    PoolConflictError,
     PoolCorruptError,
+    PoolGenerationGoneError,
     PoolMismatchError,
     SourceEntry,
     add_sources,
@@ -24,6 +35,7 @@ from ray_twist.pool import (
 )
 
 DIM = 8
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_adapter(base: str, out: Path, seed: int, targets: list[str] | None = None) -> str:
@@ -114,18 +126,16 @@ def test_killed_write_leaves_previous_generation(adapters, tiny_backbones, tmp_p
     uri = str(tmp_path / "pool")
     add_sources(uri, entries(adapters, "a"), tiny_backbones["t5"])
     reader = Pool.open(uri)
-    real_write = storage.write_bytes_atomic
+    real_create = storage.create_exclusive
 
-    def die_at_commit(target: str, data: bytes) -> None:
-        if target.endswith("pool.json"):
-            raise KeyboardInterrupt("killed before the commit")
-        real_write(target, data)
+    def die_at_commit(target: str, data: bytes) -> bool:
+        raise KeyboardInterrupt("killed before the commit")
 
-    monkeypatch.setattr(storage, "write_bytes_atomic", die_at_commit)
+    monkeypatch.setattr(storage, "create_exclusive", die_at_commit)
     with pytest.raises(KeyboardInterrupt):
         add_sources(uri, entries(adapters, "a", "b", seed=5), tiny_backbones["t5"])
     monkeypatch.undo()
-    assert (tmp_path / "pool" / "keys.g000002.parquet").exists()  # data files were written
+    assert list((tmp_path / "pool").glob("keys.g000002.*.parquet"))  # data files were written
     pool = Pool.open(uri)
     assert pool.generation == 1 and pool.sources == ["a"]
     np.testing.assert_allclose(pool.style_keys[0], key(0).style_key, atol=1e-6)
@@ -136,16 +146,166 @@ def test_killed_write_leaves_previous_generation(adapters, tiny_backbones, tmp_p
     assert Pool.open(uri).sources == ["a", "b"]
     assert reader.load_factors("a") and reader.adapter_dir("a")
 
+    # killed after its commit, before the pool.json copy: the commit stands, nothing wedges
+    def die_after_commit(target: str, data: bytes) -> bool:
+        real_create(target, data)
+        raise KeyboardInterrupt("killed after the commit")
 
-def test_old_generations_are_collected(adapters, tiny_backbones, tmp_path) -> None:
-    root = tmp_path / "pool"
-    for i, name in enumerate(["a", "a", "b"]):
-        add_sources(root, entries(adapters, name, seed=i), tiny_backbones["t5"])
-    assert sorted(p.name for p in root.glob("keys.*")) == [
-        "keys.g000002.parquet",
-        "keys.g000003.parquet",
-    ]
-    assert len(list((root / "sources" / "a").iterdir())) == 1  # same content → same dir
+    monkeypatch.setattr(storage, "create_exclusive", die_after_commit)
+    with pytest.raises(KeyboardInterrupt):
+        add_sources(uri, entries(adapters, "c", seed=3), tiny_backbones["t5"])
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "pool" / "pool.json").read_text())["generation"] == 2
+    assert Pool.open(uri).generation == 3 and Pool.open(uri).sources == ["a", "b", "c"]
+    assert add_sources(uri, entries(adapters, "a", seed=4), tiny_backbones["t5"]).generation == 4
+    assert json.loads((tmp_path / "pool" / "pool.json").read_text())["generation"] == 4
+
+
+def test_gc_keeps_the_newest_k_generations(adapters, tiny_backbones, tmp_path) -> None:
+    """K = 3 by default: a 4th commit drops generation 1 (manifest, keys, its adapter dir)
+    and its reader is told the generation is gone. Unnamed files younger than the grace
+    period (a concurrent writer's, not yet committed) survive until they are old."""
+    root, t5 = tmp_path / "pool", tiny_backbones["t5"]
+
+    def commit(adapter: str, seed: int, **kw: Any) -> Pool:  # source "x" gets this content
+        return add_sources(root, [SourceEntry("x", adapters[adapter], key(seed))], t5, **kw)
+
+    first = commit("a", 0, gc_min_age_s=0)
+    for adapter, seed in [("b", 1), ("c", 2), ("c", 3)]:
+        commit(adapter, seed, gc_min_age_s=0)
+    kept = [Pool.open(root, generation=g) for g in (2, 3, 4)]
+    assert manifests(root) == ["g000002.json", "g000003.json", "g000004.json"]
+    named = {p.manifest["files"][kind]["path"] for p in kept for kind in ("keys", "clusters")}
+    assert {p.name for p in root.glob("*.parquet")} == named and len(named) == 6
+    dirs = {p.manifest["sources"]["x"]["dir"] for p in kept}
+    assert {f"sources/x/{d.name}" for d in (root / "sources" / "x").iterdir()} == dirs
+    assert first.manifest["sources"]["x"]["dir"] not in dirs  # a's dir went with generation 1
+    with pytest.raises(PoolGenerationGoneError, match="generation 1 is gone.*newest is 4"):
+        first.load_factors("x")
+    with pytest.raises(PoolGenerationGoneError, match="generation 1 is gone"):
+        Pool.open(root, generation=1)
+    assert kept[0].load_factors("x").keys() == Pool.open(root).load_factors("x").keys()
+
+    # K is recorded in the pool; young files survive a collection, old ones go
+    debris = root / "keys.g000009.0123456789abcdef.parquet"
+    debris.write_bytes(b"a concurrent writer's, not yet committed")
+    commit("a", 5, keep_generations=2)  # default grace: generations 2 and 3 are young
+    assert Pool.open(root).manifest["keep_generations"] == 2
+    assert manifests(root) == ["g000004.json", "g000005.json"]
+    assert debris.exists() and len(list(root.glob("keys.*"))) == 4 + 1  # 2, 3 young
+    an_hour_ago = time.time() - 3601
+    for path in [debris, *root.glob("*.parquet"), *(root / "sources").rglob("*")]:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    commit("b", 6)
+    assert not debris.exists() and manifests(root) == ["g000005.json", "g000006.json"]
+    assert len(list(root.glob("keys.*"))) == 2
+    assert len(list((root / "sources" / "x").iterdir())) == 2  # a (gen 5) and b (gen 6)
+
+
+def test_format_1_pool_opens_and_upgrades(adapters, tiny_backbones, tmp_path) -> None:
+    """A pool written before per-generation manifests (only pool.json, format 1, keys files
+    named by generation alone) opens, and its next commit records its generation under
+    manifests/, so collection keeps its files while it is among the newest K."""
+    root, t5 = tmp_path / "pool", tiny_backbones["t5"]
+    manifest = add_sources(root, entries(adapters, "a"), t5).manifest
+    for file in manifest["files"].values():  # rewrite it as the old writer laid it out
+        legacy = file["path"].rsplit(".", 2)[0] + ".parquet"
+        (root / file["path"]).rename(root / legacy)
+        file["path"] = legacy
+    shutil.rmtree(root / "manifests")
+    del manifest["keep_generations"]
+    (root / "pool.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    old = Pool.open(root)
+    assert old.generation == 1 and old.manifest["files"]["keys"]["path"] == "keys.g000001.parquet"
+    add_sources(root, entries(adapters, "b"), t5, gc_min_age_s=0)
+    assert manifests(root) == ["g000001.json", "g000002.json"]
+    assert (root / "keys.g000001.parquet").exists() and old.load_factors("a")
+    assert Pool.open(root).sources == ["a", "b"] and Pool.open(root).manifest["format_version"] == 2
+
+
+def manifests(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "manifests").iterdir())
+
+
+COMMIT_HELD = '''"""`twist ARGS` with the pool commit held: the writer marks that it has read the pool and
+written its files (BARRIER/ready-NAME), then waits for BARRIER/go before committing."""
+import sys
+import time
+from pathlib import Path
+
+from ray_twist import storage
+from ray_twist.cli import main
+
+barrier, name = Path(sys.argv[1]), sys.argv[2]
+real_create = storage.create_exclusive
+
+
+def held(uri, data):
+    (barrier / f"ready-{name}").touch()
+    while not (barrier / "go").exists():
+        time.sleep(0.05)
+    return real_create(uri, data)
+
+
+storage.create_exclusive = held
+sys.exit(main(sys.argv[3:]))
+'''
+
+
+def test_two_pool_add_processes_one_commits(adapters, tiny_backbones, tmp_path) -> None:
+    """Two `twist pool add` processes both read generation 1 and reach their commit (held
+    there by a driver around the commit write), then go together: exactly one commits
+    generation 2, the other exits 2 with one line naming the pool and both generations,
+    and its retry commits generation 3."""
+    from ray_twist.cli import main
+    from ray_twist.data import make_task, write_task_jsonl
+
+    t5, uri = tiny_backbones["t5"], tmp_path / "pool"
+    style, inp = np.eye(384)[:2]  # the CLI's featurizer keys are 384-d
+    add_sources(uri, [SourceEntry("a", adapters["a"], TaskKey(style, inp, 10))], t5)
+    driver, barrier = tmp_path / "commit_held.py", tmp_path / "barrier"
+    driver.write_text(COMMIT_HELD)
+    barrier.mkdir()
+
+    def add_args(name: str) -> list[str]:
+        corpus = write_task_jsonl(
+            make_task("pirate", 8, seed=ord(name)), tmp_path / f"{name}.jsonl"
+        )
+        return ["pool", "add", "--pool", str(uri), "--adapter", adapters[name], "--corpus", corpus,
+                "--name", name, "--base-model", t5]  # fmt: skip
+
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
+    writers = {
+        name: subprocess.Popen(
+            [sys.executable, str(driver), str(barrier), name, *add_args(name)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for name in ("b", "c")
+    }
+    deadline = time.monotonic() + 300
+    while not all((barrier / f"ready-{name}").exists() for name in writers):
+        ended = {n: w.communicate() for n, w in writers.items() if w.poll() is not None}
+        assert not ended and time.monotonic() < deadline, ended
+        time.sleep(0.1)
+    assert Pool.open(uri).generation == 1  # both have read it; neither has committed
+    (barrier / "go").touch()
+    done = {name: (w.wait(timeout=120), w.communicate()[1]) for name, w in writers.items()}
+    [winner] = [name for name, (code, _) in done.items() if code == 0]
+    [loser] = [name for name, (code, _) in done.items() if code == 2]
+    errors = [line for line in done[loser][1].splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: pool {uri}: another writer committed generation 2 after this write read "
+        "generation 1 (the pool is now at generation 2); nothing of this write was committed, "
+        "retry it"
+    ], done[loser][1]
+    assert Pool.open(uri).sources == ["a", winner] and Pool.open(uri).generation == 2
+    assert main(add_args(loser)) == 0  # the retry
+    pool = Pool.open(uri)
+    assert pool.generation == 3 and pool.sources == ["a", "b", "c"]
 
 
 def flip_byte(path: Path) -> None:
@@ -164,8 +324,9 @@ def test_checksums_catch_flipped_bytes(adapters, tiny_backbones, tmp_path) -> No
     with pytest.raises(PoolCorruptError, match="adapter_model.safetensors"):
         Pool.open(root).adapter_dir("a")
     assert Pool.open(root).load_factors("b")
-    flip_byte(root / "keys.g000001.parquet")
-    with pytest.raises(PoolCorruptError, match=r"keys\.g000001\.parquet"):
+    [keys_file] = root.glob("keys.g000001.*.parquet")
+    flip_byte(keys_file)
+    with pytest.raises(PoolCorruptError, match=r"keys\.g000001\.[0-9a-f]{16}\.parquet"):
         Pool.open(root)
 
 
@@ -178,8 +339,6 @@ def test_bad_names_refused(bad, adapters, tiny_backbones, tmp_path) -> None:
 
 
 def test_pickle_files_refused(adapters, tiny_backbones, tmp_path) -> None:
-    import shutil
-
     bad = tmp_path / "bad"
     shutil.copytree(adapters["a"], bad)
     (bad / "adapter_model.bin").write_bytes(b"pickle")
@@ -201,7 +360,9 @@ def test_mismatches_refused(adapters, tiny_backbones, tmp_path) -> None:
     assert Pool.open(uri).generation == 1
 
 
-def test_s3_round_trip(adapters, tiny_backbones, monkeypatch, tmp_path) -> None:
+@pytest.fixture
+def s3_bucket(monkeypatch) -> Iterator[str]:
+    """An S3-compatible server (moto, on loopback) with one bucket: yields "s3://bucket"."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -218,25 +379,73 @@ def test_s3_round_trip(adapters, tiny_backbones, monkeypatch, tmp_path) -> None:
         }.items():
             monkeypatch.setenv(var, value)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bucket")
-
-        uri = "s3://bucket/pool"
-        add_sources(uri, entries(adapters, "a"), tiny_backbones["t5"])
-        add_sources(uri, entries(adapters, "b", "c", seed=1), tiny_backbones["t5"])
-        pool = Pool.open(uri)
-        assert pool.generation == 2 and pool.sources == ["a", "b", "c"]
-        assert json.loads(storage.read_bytes(f"{uri}/pool.json"))["generation"] == 2
-        local = pool.adapter_dir("b", local_cache_dir=tmp_path / "cache")
-        assert Path(local, "adapter_model.safetensors").is_file()
-        assert pool.adapter_dir("b", local_cache_dir=tmp_path / "cache") == local  # cached
-        for rel in ("adapter_model.safetensors", "adapter_config.json"):
-            assert Path(local, rel).read_bytes() == Path(adapters["b"], rel).read_bytes()
-        assert set(pool.load_factors("b")) == set(pool.load_factors("c"))
-        add_sources(uri, entries(adapters, "a", seed=7), tiny_backbones["t5"])  # keys only
-        assert Pool.open(uri).generation == 3
-        assert not storage.exists(f"{uri}/keys.g000001.parquet")  # collected on S3 too
-        assert storage.exists(f"{uri}/keys.g000002.parquet")
+        yield "s3://bucket"
     finally:
         server.stop()
+
+
+def test_s3_round_trip(adapters, tiny_backbones, s3_bucket, tmp_path) -> None:
+    uri = f"{s3_bucket}/pool"
+    add_sources(uri, entries(adapters, "a"), tiny_backbones["t5"])
+    add_sources(uri, entries(adapters, "b", "c", seed=1), tiny_backbones["t5"])
+    pool = Pool.open(uri)
+    assert pool.generation == 2 and pool.sources == ["a", "b", "c"]
+    assert json.loads(storage.read_bytes(f"{uri}/pool.json"))["generation"] == 2
+    assert json.loads(storage.read_bytes(f"{uri}/manifests/g000002.json")) == pool.manifest
+    local = pool.adapter_dir("b", local_cache_dir=tmp_path / "cache")
+    assert Path(local, "adapter_model.safetensors").is_file()
+    assert pool.adapter_dir("b", local_cache_dir=tmp_path / "cache") == local  # cached
+    for rel in ("adapter_model.safetensors", "adapter_config.json"):
+        assert Path(local, rel).read_bytes() == Path(adapters["b"], rel).read_bytes()
+    assert set(pool.load_factors("b")) == set(pool.load_factors("c"))
+    keys_2 = pool.manifest["files"]["keys"]["path"]
+    keys_1 = Pool.open(uri, generation=1).manifest["files"]["keys"]["path"]
+    add_sources(uri, entries(adapters, "a", seed=7), tiny_backbones["t5"],  # keys only
+                keep_generations=2, gc_min_age_s=0)  # fmt: skip
+    assert Pool.open(uri).generation == 3
+    assert not storage.exists(f"{uri}/{keys_1}")  # collected on S3 too
+    assert not storage.exists(f"{uri}/manifests/g000001.json")
+    assert storage.exists(f"{uri}/{keys_2}")
+
+
+def test_s3_conflict_one_commit_wins(adapters, tiny_backbones, s3_bucket, monkeypatch) -> None:
+    """Two writers read generation 1, then both commit (held at a barrier in front of the
+    conditional PUT, then let through one at a time): one commits generation 2, the other
+    gets the conflict, and its retry commits generation 3."""
+    uri, t5 = f"{s3_bucket}/shared-pool", tiny_backbones["t5"]  # moto keeps other tests' keys
+    add_sources(uri, entries(adapters, "a"), t5)
+    barrier, one_at_a_time = threading.Barrier(2, timeout=120), threading.Lock()
+    real_create = storage.create_exclusive
+
+    def together(target: str, data: bytes) -> bool:
+        barrier.wait()  # both have read generation 1 and written their files
+        with one_at_a_time:
+            return real_create(target, data)
+
+    monkeypatch.setattr(storage, "create_exclusive", together)
+    results: dict[str, int | Exception] = {}
+
+    def write(name: str) -> None:
+        try:
+            results[name] = add_sources(uri, entries(adapters, name, seed=3), t5).generation
+        except Exception as exc:  # the loser's conflict, or a failure the test reports
+            results[name] = exc
+
+    threads = [threading.Thread(target=write, args=(name,)) for name in ("b", "c")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    monkeypatch.setattr(storage, "create_exclusive", real_create)  # (undo would drop the env)
+    outcomes = sorted(str(r) if isinstance(r, int) else type(r).__name__ for r in results.values())
+    assert outcomes == ["2", "PoolConflictError"], results
+    [winner] = [name for name, r in results.items() if r == 2]
+    [loser] = [name for name, r in results.items() if isinstance(r, PoolConflictError)]
+    message = str(results[loser])
+    assert f"pool {uri}" in message and "generation 2" in message and "generation 1" in message
+    assert Pool.open(uri).sources == ["a", winner]
+    assert add_sources(uri, entries(adapters, loser, seed=3), t5).generation == 3
+    assert Pool.open(uri).sources == ["a", "b", "c"]
 
 
 def test_cluster_two_obvious_groups() -> None:

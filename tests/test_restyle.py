@@ -4,9 +4,11 @@ kept; instance mode over a pool equal, row by row, to PEFT with that row's merge
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,19 +18,22 @@ from peft import PeftModel
 
 from ray_twist.backbone import Backbone, load_backbone, save_random_lora
 from ray_twist.cli import main
-from ray_twist.generation import generate
+from ray_twist.features import TaskKey
+from ray_twist.generation import GenerationSettings, generate
 from ray_twist.initialise import merge_weighted
 from ray_twist.lora import RowAdapters, read_adapter
 from ray_twist.merge import MergeSources
-from ray_twist.pool import Pool, pool_merge_sources
+from ray_twist.pool import Pool, SourceEntry, add_sources, pool_merge_sources
 from ray_twist.restyle import (
     SUMMARY_FILE,
     done_ids,
     restyle_corpus,
     text_id,
 )
+from ray_twist.restyle.actor import RestyleJob, _styler
 from ray_twist.restyle.config import RestyleCorpusConfig
 from ray_twist.restyle.inputs import _line_rows
+from ray_twist.retrieval import InstanceRetrievalSettings
 from ray_twist.settings import load_yaml
 
 # Ray workers cannot import this test module: ship the toy row styler below by value.
@@ -301,3 +306,28 @@ def test_job_config() -> None:
     assert cfg.pool and cfg.adapter is None and cfg.retrieval is not None
     with pytest.raises(ValueError, match="exactly one of adapter"):
         RestyleCorpusConfig(input="in", output="out", adapter="a", pool="p")
+
+
+def test_actors_open_the_generation_their_run_started_at(t5_pool, tmp_path) -> None:
+    """An actor started after a commit still restyles with the run's generation (one output,
+    one generation); once garbage collection has dropped it, the actor says so."""
+    uri, base = str(tmp_path / "pool"), t5_pool[1]
+    shutil.copytree(t5_pool[0], uri)
+    started = Pool.open(uri)
+    job = RestyleJob("in", "out", base, None, "mixture", None, GenerationSettings(), 24, "text",
+                     "id", pool=uri, pool_generation=started.generation,
+                     retrieval=InstanceRetrievalSettings())  # fmt: skip
+    rng = np.random.default_rng(0)
+
+    def commit() -> None:  # a new generation: the first source with another key
+        name = started.sources[0]
+        key = TaskKey(rng.normal(size=384), rng.normal(size=384), 5)
+        entry = SourceEntry(name, started.adapter_dir(name), key)
+        add_sources(uri, [entry], base, keep_generations=2, gc_min_age_s=0)
+
+    commit()
+    backbone = load_backbone(base)
+    assert _styler(job, backbone, "cpu").pool.generation == started.generation
+    commit()
+    with pytest.raises(RuntimeError, match=rf"generation {started.generation} is gone.*new output"):
+        _styler(job, backbone, "cpu")

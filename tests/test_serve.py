@@ -1,5 +1,5 @@
 """Serving on a real local Ray Serve over real HTTP (loopback): modes, multiplexing, batch
-exactness, bad input, time-outs and a killed replica."""
+exactness, bad input, time-outs, a killed replica and a replica that outlives pool commits."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ray_twist.features import TaskKey
 from ray_twist.generation import generate
 from ray_twist.lora import read_adapter, write_adapter
 from ray_twist.merge import MergeSources
-from ray_twist.pool import Pool, SourceEntry, add_sources
+from ray_twist.pool import Pool, PoolGenerationGoneError, SourceEntry, add_sources
 from ray_twist.serve import ServeConfig, app_builder, run
 from ray_twist.settings import ConfigError, load_yaml
 
@@ -369,3 +369,41 @@ def test_killed_replica_recovers_under_load(url) -> None:
     assert sum(s == 200 for _, s in after) >= 3
     assert set(failed) <= {503, 504}
     assert _stats()["replica"] != old
+
+
+def test_replica_outlives_two_commits(client, world, tmp_path) -> None:
+    """Two commits replace every pool source, and garbage collection (K = 2, no grace) drops
+    the generation the replica opened. A request for a source it has not loaded yet still
+    gets 200: the replica reloads the newest generation and serves that source from it, and
+    its pool modes move to the same generation. (Last in this module: it changes the pool.)"""
+    before = _stats()
+    opened = before["pool_generation"]
+    assert not any(a.startswith("src-c@") for a in before["adapters"])  # not loaded yet
+    base, uri = world["base"], world["config"]["pool"]
+    rng = np.random.default_rng(1)
+    for commit in (1, 2):
+        entries = [
+            SourceEntry(name, save_random_lora(base, tmp_path / f"{commit}-{name}",
+                                               seed=100 * commit + i, rank=4),
+                        TaskKey(rng.normal(size=384), rng.normal(size=384), n_examples=10))
+            for i, name in enumerate(SOURCES)
+        ]  # fmt: skip
+        add_sources(uri, entries, base_model=base, keep_generations=2, gc_min_age_s=0)
+    newest = Pool.open(uri)
+    assert newest.generation == opened + 2
+    with pytest.raises(PoolGenerationGoneError):
+        Pool.open(uri, generation=opened)
+
+    r = client.post("/v1/restyle", json={"texts": [TEXTS[0]], "style": "src-c"})
+    assert r.status_code == 200, r.text
+    after = _stats()
+    assert after["pool_generation"] == newest.generation
+    assert f"src-c@{newest.generation}" in after["adapters"]
+    max_new = LIMITS["default_max_new_tokens"]
+    expected = generate(_peft(base, newest.adapter_dir("src-c")), [TEXTS[0]], max_new)
+    stale = generate(_peft(base, str(world["root"] / "sources" / "src-c")), [TEXTS[0]], max_new)
+    assert r.json()["outputs"] == expected != stale
+    request = {"texts": [TEXTS[1]], "mode": "mixture"}
+    r = client.post("/v1/restyle", json=request)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"] == [_alone(world, request, r.json()["retrieval"][0], tmp_path)]

@@ -2,19 +2,30 @@
 
 Layout under the pool URI (local path, file://, s3://, gs:// — all through pyarrow.fs)::
 
-    pool.json                      manifest and the single commit point
-    keys.g000003.parquet           source, cluster, key, input_key, n_examples
-    clusters.g000003.parquet       cluster, key, members
+    manifests/g000003.json         generation 3's manifest; creating it is the commit
+    pool.json                      a copy of the newest manifest (tools, format-1 readers)
+    keys.g000003.<digest>.parquet  source, cluster, key, input_key, n_examples
+    clusters.g000003.<digest>.parquet  cluster, key, members
     sources/<name>/<digest>/       a PEFT adapter dir (adapter_config.json +
                                    adapter_model.safetensors); digest = content hash
 
 This refines DESIGN.md's fixed names (`keys.parquet`, `clusters.parquet`,
-`sources/<name>/`): data files are versioned by generation and adapter dirs by content,
-so a writer never overwrites a file the current `pool.json` names. A writer writes every
-new file first and replaces `pool.json` last (atomic rename locally, one PUT on object
-stores); a write killed at any point leaves the previous generation intact and readable.
-After a commit, files named by neither the new nor the previous manifest are deleted, so a
-reader that opened the previous generation keeps working.
+`sources/<name>/`): data files are named by generation and content, so no writer ever
+overwrites a file another writer wrote. Two writers may share a pool: a writer reads the
+newest generation N, writes every new file, then commits by creating `manifests/g<N+1>.json`
+exclusively (a hard link locally; a PUT with `If-None-Match: *` on S3); the one that loses
+gets `PoolConflictError` and can retry. A write killed at any point leaves the previous
+generation intact and readable; one killed after its commit but before the `pool.json` copy
+is still the newest, since readers and writers take the highest of `manifests/` and
+`pool.json`. (gs:// has no conditional create through pyarrow: there the commit checks and
+then writes, which does not exclude a concurrent writer.) Pools written before this layout
+(only `pool.json`, format 1) open unchanged and take the new layout at their next commit.
+
+After a commit, garbage collection deletes what the newest K generations (`keep_generations`,
+default 3, recorded in the manifest) do not name, sparing files younger than an hour (a
+concurrent writer's, not yet committed). A reader of a generation that has since been
+collected gets `PoolGenerationGoneError` and reopens the pool (the Serve engine does so by
+itself); `Pool.open(uri, generation=N)` reopens a still-kept older generation.
 
 Readers read only what `pool.json` names and check each file's sha256
 (`PoolCorruptError` names the file). Only safetensors weights are accepted. All sources
@@ -27,9 +38,11 @@ from ray_twist.pool.clustering import cluster_keys
 from ray_twist.pool.factors import pool_merge_sources
 from ray_twist.pool.format import (
     FORMAT_VERSION,
+    KEEP_GENERATIONS,
     MANIFEST,
     PoolConflictError,
     PoolCorruptError,
+    PoolGenerationGoneError,
     PoolMismatchError,
     validate_name,
 )
@@ -38,10 +51,12 @@ from ray_twist.pool.writer import SourceEntry, add_sources
 
 __all__ = [
     "FORMAT_VERSION",
+    "KEEP_GENERATIONS",
     "MANIFEST",
     "Pool",
     "PoolConflictError",
     "PoolCorruptError",
+    "PoolGenerationGoneError",
     "PoolMismatchError",
     "SourceEntry",
     "add_sources",

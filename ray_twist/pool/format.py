@@ -14,13 +14,16 @@ import pyarrow.parquet as pq
 
 from ray_twist import storage
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-generation manifests, content-named keys/clusters files
 MANIFEST = "pool.json"
+MANIFESTS = "manifests"
+KEEP_GENERATIONS = 3
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{16}$")
-_GENERATION_FILE_RE = re.compile(r"^(keys|clusters)\.g\d{6}\.parquet$")
+_GENERATION_FILE_RE = re.compile(r"^(keys|clusters)\.g\d{6}(\.[0-9a-f]{16})?\.parquet$")
+_MANIFEST_FILE_RE = re.compile(r"^g(\d{6,})\.json$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -37,6 +40,23 @@ class PoolMismatchError(ValueError):
 
 class PoolConflictError(RuntimeError):
     """Another writer committed a new generation while this write was in progress."""
+
+
+class PoolGenerationGoneError(RuntimeError):
+    """A file an opened generation names is gone because newer generations were committed and
+    garbage collection dropped it: reopen the pool (`Pool.open`) and redo the work on it."""
+
+    def __init__(self, uri: str, generation: int, newest: int | None) -> None:
+        super().__init__(
+            f"pool {uri}: generation {generation} is gone (garbage-collected; the newest is "
+            f"{newest}); reopen the pool"
+        )
+        self.uri, self.generation, self.newest = uri, generation, newest
+
+
+def manifest_name(generation: int) -> str:
+    """Path of a generation's manifest (its commit point) under the pool URI."""
+    return f"{MANIFESTS}/g{generation:06d}.json"
 
 
 def validate_name(name: str, what: str = "source name") -> str:
@@ -110,11 +130,14 @@ def _vectors(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(column.to_pylist(), dtype=np.float32)
 
 
-def _check_manifest(manifest: dict[str, Any], uri: str) -> None:
+def _check_manifest(manifest: dict[str, Any], where: str) -> None:
+    """Refuse a manifest (at URI `where`) this version cannot read safely."""
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise PoolCorruptError(f"{uri}: unsupported pool format_version {version!r}")
+        raise PoolCorruptError(f"{where}: unsupported pool format_version {version!r}")
     try:
+        if not isinstance(manifest["generation"], int) or manifest["generation"] < 1:
+            raise ValueError(f"bad generation {manifest['generation']!r}")
         for name, entry in manifest["sources"].items():
             validate_name(name)
             prefix, dir_name, digest = entry["dir"].split("/")
@@ -128,4 +151,4 @@ def _check_manifest(manifest: dict[str, Any], uri: str) -> None:
             if not _GENERATION_FILE_RE.match(manifest["files"][kind]["path"]):
                 raise ValueError(f"bad {kind} file name")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise PoolCorruptError(f"{uri}/{MANIFEST} is malformed: {exc}") from exc
+        raise PoolCorruptError(f"{where} is malformed: {exc}") from exc

@@ -1,4 +1,10 @@
-"""Reading a committed pool generation: manifest, keys, verified adapters and factors."""
+"""Reading a committed pool generation: manifest, keys, verified adapters and factors.
+
+The newest generation is the highest of `manifests/g*.json` and `pool.json` (a writer killed
+between its commit and its `pool.json` copy leaves that copy one behind). A `Pool` stays on the
+generation it opened; when a file it names has been garbage-collected because newer
+generations exist, reads raise `PoolGenerationGoneError` and the caller reopens the pool.
+"""
 
 from __future__ import annotations
 
@@ -19,15 +25,67 @@ from safetensors.torch import load as load_safetensors
 from ray_twist import storage
 from ray_twist.lora.peft_io import lora_factors
 from ray_twist.pool.format import (
+    _MANIFEST_FILE_RE,
     ADAPTER_WEIGHTS,
     MANIFEST,
+    MANIFESTS,
     PoolCorruptError,
+    PoolGenerationGoneError,
     _check_manifest,
     _read_table,
     _read_verified,
     _sha256,
     _vectors,
+    manifest_name,
 )
+
+
+def committed_generations(uri: str) -> list[int]:
+    """Generations with a manifest under `manifests/`, ascending (empty for a pool written
+    before format 2, which has only `pool.json`)."""
+    fs, root = storage.resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{MANIFESTS}", allow_not_found=True))
+    return sorted(int(m[1]) for i in infos if (m := _MANIFEST_FILE_RE.match(i.base_name)))
+
+
+def read_manifest(uri: str, path: str) -> dict[str, Any] | None:
+    """The checked manifest at `path` under the pool URI, None if there is none."""
+    where = storage.join(uri, path)
+    try:
+        raw = storage.read_bytes(where)
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise PoolCorruptError(f"{where} is not valid JSON: {exc}") from exc
+    _check_manifest(manifest, where)
+    return dict(manifest)
+
+
+def newest_manifest(uri: str) -> dict[str, Any] | None:
+    """The newest committed generation's manifest (None: no pool at `uri`)."""
+    pointer = read_manifest(uri, MANIFEST)
+    generations = committed_generations(uri)
+    if generations and (pointer is None or generations[-1] > pointer["generation"]):
+        return read_manifest(uri, manifest_name(generations[-1])) or pointer
+    return pointer
+
+
+def _generation_manifest(uri: str, generation: int) -> dict[str, Any]:
+    manifest = read_manifest(uri, manifest_name(generation))
+    if manifest is None:  # a pool of format 1 has only pool.json
+        pointer = read_manifest(uri, MANIFEST)
+        if pointer is not None and pointer["generation"] == generation:
+            manifest = pointer
+    if manifest is None:
+        newest = newest_manifest(uri)
+        if newest is None or newest["generation"] < generation:
+            raise FileNotFoundError(f"pool {uri} has no generation {generation}")
+        raise PoolGenerationGoneError(uri, generation, newest["generation"])
+    if manifest["generation"] != generation:
+        raise PoolCorruptError(f"{uri}/{manifest_name(generation)} holds another generation")
+    return manifest
 
 
 class Pool:
@@ -52,22 +110,19 @@ class Pool:
         self._verified: set[str] = set()
 
     @classmethod
-    def open(cls, uri: str | Path) -> Pool:
-        """Read the committed generation at `uri`, verifying the files the manifest names.
+    def open(cls, uri: str | Path, generation: int | None = None) -> Pool:
+        """Read the newest committed generation at `uri` (or `generation`, while garbage
+        collection keeps it), verifying the files the manifest names.
 
         A local path is kept absolute (`Pool.uri`), so it still names the pool in Ray tasks
         and workers, which run in other directories."""
         uri = storage.absolute(uri)
-        manifest_uri = storage.join(uri, MANIFEST)
-        try:
-            raw = storage.read_bytes(manifest_uri)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"no pool at {uri} ({MANIFEST} not found)") from exc
-        try:
-            manifest = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise PoolCorruptError(f"{manifest_uri} is not valid JSON: {exc}") from exc
-        _check_manifest(manifest, uri)
+        if generation is not None:
+            manifest = _generation_manifest(uri, generation)
+        elif (newest := newest_manifest(uri)) is not None:
+            manifest = newest
+        else:
+            raise FileNotFoundError(f"no pool at {uri} ({MANIFEST} not found)")
         tables = [
             _read_table(_read_verified(storage.join(uri, f["path"]), f["sha256"], f["path"]))
             for f in (manifest["files"]["keys"], manifest["files"]["clusters"])
@@ -146,9 +201,20 @@ class Pool:
             raise KeyError(f"no source {name!r} in pool {self.uri}; have {self._sources}") from None
 
     def _read_source_file(self, name: str, rel: str) -> bytes:
+        """A verified adapter file; a missing one raises `PoolGenerationGoneError` where newer
+        generations exist (collected, not corrupt), else `PoolCorruptError`."""
         entry = self._entry(name)
         uri = storage.join(self.uri, entry["dir"], rel)
-        return _read_verified(uri, entry["files"][rel], f"{entry['dir']}/{rel}")
+        try:
+            return _read_verified(uri, entry["files"][rel], f"{entry['dir']}/{rel}")
+        except PoolCorruptError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                newest = newest_manifest(self.uri)
+                if newest is not None and newest["generation"] != self.generation:
+                    raise PoolGenerationGoneError(
+                        self.uri, self.generation, newest["generation"]
+                    ) from exc
+            raise
 
     def adapter_dir(self, name: str, local_cache_dir: str | Path | None = None) -> str:
         """Local path of a verified copy of source `name`'s PEFT adapter dir.

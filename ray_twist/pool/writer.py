@@ -1,8 +1,16 @@
-"""Writing a pool generation: new files first, the manifest last, old files collected."""
+"""Writing a pool generation: new files first, the manifest last, old files collected.
+
+A commit is the exclusive create of `manifests/g<N+1>.json` (`storage.create_exclusive`),
+where N is the generation the writer read: of two writers that read N, one creates it and
+the other gets `PoolConflictError` with nothing of its write visible. Data files never
+collide: adapter dirs and keys/clusters files are named by their content. `pool.json` is
+then replaced by a copy of the new manifest, for tools and for readers of format 1 pools.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +29,10 @@ from ray_twist.pool.format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     FORMAT_VERSION,
+    KEEP_GENERATIONS,
     MANIFEST,
     PoolConflictError,
+    PoolCorruptError,
     PoolMismatchError,
     _check_relpath,
     _json_default,
@@ -30,11 +40,16 @@ from ray_twist.pool.format import (
     _sha256,
     _table_bytes,
     log,
+    manifest_name,
     validate_name,
 )
-from ray_twist.pool.reader import Pool
+from ray_twist.pool.reader import Pool, committed_generations, newest_manifest, read_manifest
 from ray_twist.retrieval import TaskKeys
 from ray_twist.vectors import unit_rows
+
+#: Garbage collection spares files younger than this: a concurrent writer's files, written
+#: but not yet committed (an hour is far above any add's write-to-commit time).
+GC_MIN_AGE_S = 3600.0
 
 
 @dataclass
@@ -142,15 +157,24 @@ def add_sources(
     featurizer: str = PACKAGED_MINILM,  # = features.DEFAULT_FEATURIZER
     n_clusters: int | None = None,
     seed: int = 0,
+    keep_generations: int | None = None,
+    gc_min_age_s: float = GC_MIN_AGE_S,
 ) -> Pool:
     """Add (or replace same-named) sources, re-cluster all style keys, commit one generation.
 
     Creates the pool if `uri` holds none. `n_clusters=None` picks the count by eigengap.
-    The pool keeps the base model string it was created with.
+    The pool keeps the base model string it was created with. Raises `PoolConflictError`
+    if another writer committed since this one read the pool (retry the call).
+
+    Garbage collection after the commit keeps the files of the newest `keep_generations`
+    generations (recorded in the manifest; None keeps the pool's, else `KEEP_GENERATIONS`)
+    and any file modified within `gc_min_age_s` (a concurrent writer's uncommitted files).
     """
     uri = str(uri)
     if not entries:
         raise ValueError("entries is empty: nothing to add")
+    if keep_generations is not None and keep_generations < 1:
+        raise ValueError(f"keep_generations must be ≥ 1, got {keep_generations}")
     names = [validate_name(e.name) for e in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate source names in entries: {names}")
@@ -163,8 +187,10 @@ def add_sources(
     if len(dims) != 1:
         raise ValueError(f"entries have keys of different dimensions: {sorted(dims)}")
     base_hash = config_hash(base_model)
-    manifest_uri = storage.join(uri, MANIFEST)
-    previous = Pool.open(uri) if storage.exists(manifest_uri) else None
+    try:
+        previous: Pool | None = Pool.open(uri)
+    except FileNotFoundError:
+        previous = None
     keys: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     old: dict[str, Any] = {"sources": {}}
     if previous is not None:
@@ -179,6 +205,10 @@ def add_sources(
             for i, n in enumerate(previous.sources)
         }
     keys.update(new_keys)
+    keep = keep_generations or int(old.get("keep_generations", KEEP_GENERATIONS))
+    if previous is not None and previous.generation not in committed_generations(uri):
+        # a format-1 pool has only pool.json: record its generation, which GC then keeps
+        storage.create_exclusive(storage.join(uri, manifest_name(previous.generation)), _dump(old))
 
     sources = dict(old["sources"])
     for p in prepared:
@@ -199,7 +229,7 @@ def add_sources(
     files = {}
     for kind, table in (("keys", keys_table), ("clusters", clusters_table)):
         data = _table_bytes(table)
-        path = f"{kind}.g{generation:06d}.parquet"
+        path = f"{kind}.g{generation:06d}.{_sha256(data)[:16]}.parquet"  # never overwritten
         storage.write_bytes_atomic(storage.join(uri, path), data)
         files[kind] = {"path": path, "sha256": _sha256(data)}
     manifest = {
@@ -219,33 +249,71 @@ def add_sources(
         },
         "files": files,
         "sources": {n: sources[n] for n in names},
+        "keep_generations": keep,
     }
-    blob = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default).encode()
-    if previous and json.loads(storage.read_bytes(manifest_uri))["generation"] != generation - 1:
-        raise PoolConflictError(f"{uri} was committed by another writer meanwhile; retry the add")
-    storage.write_bytes_atomic(manifest_uri, blob)  # the commit
-    _collect_garbage(uri, [manifest, old])
+    blob = _dump(manifest)
+    if not storage.create_exclusive(storage.join(uri, manifest_name(generation)), blob):
+        newest = newest_manifest(uri)
+        read = f"generation {generation - 1}" if previous is not None else "no pool"
+        raise PoolConflictError(
+            f"pool {uri}: another writer committed generation {generation} after this write "
+            f"read {read} (the pool is now at generation "
+            f"{newest['generation'] if newest else '?'}); nothing of this write was committed, "
+            "retry it"
+        )
+    try:  # committed: pool.json is a copy, and a stale one is harmless (readers take the max)
+        storage.write_bytes_atomic(storage.join(uri, MANIFEST), blob)
+    except OSError as exc:
+        log.warning("pool %s: generation %d committed, %s not updated: %s", uri, generation,
+                    MANIFEST, exc)  # fmt: skip
+    _collect_garbage(uri, keep, gc_min_age_s)
     return Pool(uri, json.loads(blob), keys_table, clusters_table)
 
 
-def _collect_garbage(uri: str, keep: list[dict[str, Any]]) -> None:
-    """Best effort: delete data files named by neither manifest in `keep`."""
-    named_files = {f["path"] for m in keep for f in m.get("files", {}).values()}
-    named_dirs = {e["dir"] for m in keep for e in m["sources"].values()}
-    fs, root = storage.resolve(uri)
+def _dump(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True, default=_json_default).encode()
 
-    def listing(path: str) -> list[pafs.FileInfo]:
-        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+
+def _collect_garbage(uri: str, keep: int, min_age_s: float) -> None:
+    """Best effort: delete what neither the newest `keep` generations nor pool.json name.
+
+    Older manifests go first (a reader of such a generation then sees it gone, not torn),
+    then data files and adapter dirs, but none modified within `min_age_s`: a concurrent
+    writer writes its files before its commit, and they must outlive a collection that
+    started before that commit.
+    """
+    fs, root = storage.resolve(uri)
+    cutoff = time.time() - min_age_s
+
+    def listing(path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
+        return fs.get_file_info(selector)
+
+    def aged(infos: list[pafs.FileInfo]) -> bool:  # unknown mtimes (some stores) count as old
+        return min_age_s <= 0 or all(
+            i.mtime is None or i.mtime.timestamp() <= cutoff
+            for i in infos
+            if i.type == pafs.FileType.File
+        )
 
     try:
+        generations = committed_generations(uri)
+        kept = [read_manifest(uri, manifest_name(g)) for g in generations[-keep:]]
+        kept.append(read_manifest(uri, MANIFEST))
+        named_files = {f["path"] for m in kept if m for f in m["files"].values()}
+        named_dirs = {e["dir"] for m in kept if m for e in m["sources"].values()}
+        for g in generations[:-keep]:
+            fs.delete_file(f"{root}/{manifest_name(g)}")
         for info in listing(root):
-            if _GENERATION_FILE_RE.match(info.base_name) and info.base_name not in named_files:
+            name = info.base_name
+            if _GENERATION_FILE_RE.match(name) and name not in named_files and aged([info]):
                 fs.delete_file(info.path)
         for name_dir in listing(f"{root}/sources"):
             for version in listing(name_dir.path):
-                if f"sources/{name_dir.base_name}/{version.base_name}" not in named_dirs:
+                rel = f"sources/{name_dir.base_name}/{version.base_name}"
+                if rel not in named_dirs and aged(listing(version.path, recursive=True)):
                     fs.delete_dir(version.path)
             if not listing(name_dir.path):
                 fs.delete_dir(name_dir.path)
-    except OSError as exc:
+    except (OSError, PoolCorruptError) as exc:
         log.warning("pool %s: garbage collection skipped: %s", uri, exc)

@@ -77,17 +77,23 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def _styler(job: RestyleJob, backbone: Backbone, device: str) -> Styler:
-    """The styler serving runs too (`ray_twist.styler`), over the job's pool if it has one."""
+    """The styler serving runs too (`ray_twist.styler`), over the job's pool if it has one.
+
+    Every actor of a run, even one started after a commit, opens the generation the run
+    started at (its record names it), so one output never mixes generations; that holds
+    while garbage collection keeps the generation (`keep_generations` commits).
+    """
     if job.pool is None:
         return Styler(backbone)
-    from ray_twist.pool import Pool
+    from ray_twist.pool import Pool, PoolGenerationGoneError
 
-    pool = Pool.open(job.pool)
-    if pool.generation != job.pool_generation:
+    try:
+        pool = Pool.open(job.pool, generation=job.pool_generation)
+    except PoolGenerationGoneError as exc:
         raise RuntimeError(
-            f"pool {job.pool} is at generation {pool.generation}; this run started at "
-            f"{job.pool_generation} (the pool changed mid-run): restyle to a new output"
-        )
+            f"{exc}; this run started at generation {job.pool_generation} (the pool changed "
+            "mid-run): restyle to a new output"
+        ) from exc
     mode: RowMode = "mixture" if job.mode == "mixture" else "instance"
     return Styler(backbone, pool, job.retrieval, device, modes=(mode,))
 

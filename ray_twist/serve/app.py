@@ -28,7 +28,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from ray_twist.merge import ModuleFactors
-from ray_twist.pool import Pool
+from ray_twist.pool import Pool, PoolGenerationGoneError
 from ray_twist.serve.api import (
     ApiError,
     ErrorBody,
@@ -37,7 +37,7 @@ from ray_twist.serve.api import (
     parse_restyle,
 )
 from ray_twist.serve.config import ServeConfig
-from ray_twist.serve.engine import Catalog, Engine, Work
+from ray_twist.serve.engine import Catalog, Engine, StyleEntry, Work
 from ray_twist.settings import ConfigError, format_validation_error, load_yaml
 from ray_twist.storage import absolute, absolute_or_none
 
@@ -120,10 +120,10 @@ class Generator:
         self.loads = 0
         self.cached: dict[str, _Cached] = {}
 
-        async def load(name: str) -> _Cached:  # a plain function: Serve keeps its LRU on it
-            factors = await asyncio.to_thread(self.engine.load_adapter, name)
+        async def load(model_id: str) -> _Cached:  # a plain function: Serve keeps its LRU on it
+            factors = await asyncio.to_thread(self.engine.load_adapter, model_id)
             self.loads += 1
-            return _Cached(name, factors, self.cached)
+            return _Cached(model_id, factors, self.cached)
 
         size = config.generator.max_adapters_per_replica
         self._adapter = serve.multiplexed(max_num_models_per_replica=size)(load)
@@ -136,7 +136,12 @@ class Generator:
         """Check and tokenize one request, then wait for its place in a batch."""
         work = self.engine.prepare(request)
         if request.mode == "adapted" and work.style is not None:
-            work.adapter = (await self._adapter(work.style.name)).factors
+            try:
+                cached = await self._adapter(work.style.model_id)
+            except PoolGenerationGoneError:  # the engine now serves the newest generation
+                work = self.engine.prepare(request)
+                cached = await self._adapter(cast(StyleEntry, work.style).model_id)
+            work.adapter = cached.factors
         return await (await self._batch(work))
 
     @serve.batch(max_batch_size=32, batch_size_fn=lambda works: sum(len(w.ids) for w in works))
@@ -145,9 +150,12 @@ class Generator:
         return self._passes.submit(works)
 
     def stats(self) -> dict[str, Any]:
-        """Replica id, adapters now cached, and how many were loaded and evicted."""
+        """Replica id, the pool generation it serves, adapters now cached (pool sources as
+        name@generation), and how many were loaded and evicted."""
+        pool = self.engine.pool
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
+            "pool_generation": pool.generation if pool is not None else None,
             "adapters": sorted(self.cached),
             "loads": self.loads,
             "evictions": self.loads - len(self.cached),

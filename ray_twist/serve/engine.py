@@ -5,6 +5,15 @@ A generator replica holds one `Engine`. `prepare` turns a request into `Work` (o
 `ray_twist.styler.Styler`, the code bulk restyling runs too: every row of a batch gets its own
 LoRA, so rows with different adapters and modes share one forward pass where their factor
 form and decoding settings allow.
+
+Pool commits while serving: a replica serves the pool generation it opened (retrieval keys
+and factors, all in memory) and requests see no change during a commit. When a source it
+must load lazily (a pool source named in adapted mode) has been garbage-collected because
+newer generations exist, the engine reopens the newest generation, rebuilds its catalog and
+styler on it (retrieval recomputed there, never keys of one generation with factors of
+another), and the request is prepared again and served from it; batches already running
+finish on the old one. Adapters cached per replica are keyed by generation
+(`StyleEntry.model_id`), so none outlives a reload.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from ray_twist.features import Featurizer, task_key
 from ray_twist.generation import GenerationSettings, encode
 from ray_twist.lora import MODES, Mode, read_adapter
 from ray_twist.merge import ModuleFactors
-from ray_twist.pool import Pool
+from ray_twist.pool import Pool, PoolGenerationGoneError
 from ray_twist.serve.api import ApiError, InputError, RestyleRequest, RestyleResponse, Timing, Usage
 from ray_twist.serve.config import ServeConfig
 from ray_twist.styler import Part, Styler, weight_dicts
@@ -39,6 +48,12 @@ class StyleEntry:
     kind: Literal["adapter", "pool"]
     modes: tuple[Mode, ...]
     adapter: str | None = None  # URI of a registered adapter
+    generation: int | None = None  # the pool generation of a pool source
+
+    @property
+    def model_id(self) -> str:
+        """The adapter cache key: a pool source's is per generation (names have no '@')."""
+        return self.name if self.generation is None else f"{self.name}@{self.generation}"
 
 
 class Catalog:
@@ -48,8 +63,9 @@ class Catalog:
     def __init__(self, config: ServeConfig, pool: Pool | None) -> None:
         self.has_pool = pool is not None
         self.entries: dict[str, StyleEntry] = {}
-        for name in pool.sources if pool is not None else []:
-            self.entries[name] = StyleEntry(name, "pool", MODES)
+        if pool is not None:
+            for name in pool.sources:
+                self.entries[name] = StyleEntry(name, "pool", MODES, generation=pool.generation)
         for name, style in config.styles.items():
             if name in self.entries:
                 raise ValueError(f"style {name!r} is also a pool source; give it another name")
@@ -115,18 +131,38 @@ class Engine:
         tokenizer = copy.deepcopy(self.backbone.tokenizer)
         self._front = dataclasses.replace(self.backbone, tokenizer=tokenizer)
         self.catalog = Catalog(config, self.pool)
-        featurizer, keys = None, None
+        self._featurizer: Featurizer | None = None
+        self._keys: dict[str, np.ndarray] | None = None
         if self.pool is not None:
             featurizer = Featurizer(config.featurizer or self.pool.featurizer, device=self.device)
-            keys = {  # a registered style with examples: its style key is the task-level query
-                name: task_key(read_task(style.examples, name=name), featurizer).style_key
-                for name, style in config.styles.items()
-                if style.examples
-            }
-        self.styler = Styler(
-            self.backbone, self.pool, config.retrieval, self.device, featurizer, style_keys=keys
-        )
+            self._featurizer, self._keys = (
+                featurizer,
+                {  # a registered style with examples:
+                    name: task_key(read_task(style.examples, name=name), featurizer).style_key
+                    for name, style in config.styles.items()  # its key is the task-level query
+                    if style.examples
+                },
+            )
+        self.styler = self._styler(self.pool)
         self._lock = threading.Lock()  # one batch at a time owns the model's LoRA hooks
+        self._reload_lock = threading.Lock()  # one reload at a time
+
+    def _styler(self, pool: Pool | None) -> Styler:
+        return Styler(
+            self.backbone, pool, self.config.retrieval, self.device, self._featurizer,
+            style_keys=self._keys,
+        )  # fmt: skip
+
+    def reload_pool(self, gone: int) -> None:
+        """Swap in the newest pool generation (catalog, styler) unless a reload already left
+        generation `gone`; the swap waits for the running batch."""
+        with self._reload_lock:
+            if self.pool is None or self.pool.generation != gone:
+                return
+            pool = Pool.open(self.pool.uri)
+            catalog, styler = Catalog(self.config, pool), self._styler(pool)
+            with self._lock:
+                self.pool, self.catalog, self.styler = pool, catalog, styler
 
     def prepare(self, request: RestyleRequest) -> Work:
         """Check what the schema cannot (style, token counts) and tokenize."""
@@ -147,20 +183,34 @@ class Engine:
         )
         return Work(request, ids, settings, style)
 
-    def load_adapter(self, name: str) -> ModuleFactors:
-        """A named style's factors on the model's device, checked against the model."""
-        entry = self.catalog.entries[name]
+    def load_adapter(self, model_id: str) -> ModuleFactors:
+        """A named style's factors (by `StyleEntry.model_id`) on the model's device, checked
+        against the model. A pool source of a generation this engine no longer serves, or
+        one garbage collection has taken (the engine then reloads), raises
+        `PoolGenerationGoneError`: prepare the request again, on the newest generation."""
         try:
-            if entry.kind == "pool" and self.pool is not None:
-                modules = self.pool.load_factors(name)
-            else:
-                modules = read_adapter_uri(str(entry.adapter))
+            modules = self._read_adapter(model_id)
             modules = {m: (a.to(self.device), b.to(self.device)) for m, (a, b) in modules.items()}
             with self._lock:  # fails here, at load, if the adapter does not fit the base model
                 self.styler.check_adapter(modules)
+        except PoolGenerationGoneError:
+            raise
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ApiError(500, "adapter_unavailable", "style", f"{name!r}: {exc}") from exc
+            raise ApiError(500, "adapter_unavailable", "style", f"{model_id!r}: {exc}") from exc
         return modules
+
+    def _read_adapter(self, model_id: str) -> ModuleFactors:
+        name, _, generation = model_id.partition("@")
+        entry, pool = self.catalog.entries[name], self.pool
+        if entry.kind != "pool" or pool is None:
+            return read_adapter_uri(str(entry.adapter))
+        if entry.model_id != model_id:  # prepared before a reload
+            raise PoolGenerationGoneError(pool.uri, int(generation), pool.generation)
+        try:
+            return pool.load_factors(name)
+        except PoolGenerationGoneError as exc:
+            self.reload_pool(exc.generation)
+            raise
 
     def run(self, works: list[Work]) -> list[RestyleResponse]:
         """Restyle a batch: one retrieval pass, one merge pass, one forward pass per group."""
@@ -168,7 +218,8 @@ class Engine:
             Part(w.request.texts, w.ids, w.request.mode, w.settings, w.request.style, w.adapter)
             for w in works
         ]
-        with self._lock:
+        with self._lock:  # one generation's styler for the whole batch, even across a reload
+            names = self.styler.names
             styled, stages = self.styler.run(parts)
         styles = {w.style.name for w in works if w.request.mode == "adapted" and w.style}
         timing = Timing(
@@ -180,17 +231,22 @@ class Engine:
             batch_styles=len(styles) + sum(len(s.weights) for s in styled if s.weights is not None),
         )
         return [
-            self._response(work, result.outputs, result.weights, timing)
+            self._response(work, result.outputs, result.weights, names, timing)
             for work, result in zip(works, styled, strict=True)
         ]
 
     def _response(
-        self, work: Work, texts: list[str], weights: np.ndarray | None, timing: Timing
+        self,
+        work: Work,
+        texts: list[str],
+        weights: np.ndarray | None,
+        names: list[str],
+        timing: Timing,
     ) -> RestyleResponse:
         if weights is None:
             retrieval = [{work.request.style or "": 1.0} for _ in texts]
         else:
-            retrieval = weight_dicts(self.styler.names, weights)
+            retrieval = weight_dicts(names, weights)
         decoded = self.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]
         usage = Usage(
             input_tokens=sum(len(row) for row in work.ids),
