@@ -13,6 +13,7 @@ import pytest
 import ray.cloudpickle
 import torch
 from peft import PeftModel
+from retrieval_reference import as_matrix, check
 
 from ray_twist.backbone import Backbone, load_backbone, save_random_lora
 from ray_twist.cli import main
@@ -275,6 +276,67 @@ def test_mixture_mode_rows_equal_peft_with_their_exact_weighted_sum(
         ref = str(tmp_path / f"ref{k}")
         [adapter] = merge_weighted(merge, [ref], [row], 1, method="linear", progress=False)
         assert generate(_adapted(base, adapter), [text], max_new_tokens=6) == [got], text
+
+
+NEAR_ANCHORS = ["the old dog sleeps near the river", "a green sun rises",
+                "she runs under the bridge", "the dog runs under the sun"]  # fmt: skip
+LAM, TAU, TOP_K, RANK = 0.7, 0.2, 2, 2
+
+
+@pytest.mark.parametrize(
+    ("mode", "style", "order"),
+    [("instance", None, None), ("instance", "k-b", "truncate_then_sum"),
+     ("mixture", None, None), ("mixture", "k-c", None)],
+)  # fmt: skip
+def test_written_weights_follow_the_retrieval_formula(
+    keyed_pool, featurizer, ray_session, tmp_path, capsys, mode, style, order
+) -> None:
+    """The weights `twist restyle --pool` writes equal R_s computed here from the pool's keys
+    (`retrieval_reference`): λ with a style (a pool source's style key), the instance level
+    alone without one, as `retrieval_applied` records. Instance rows equal PEFT with their
+    merge in the order asked (`--merge-order`), which changes the outputs."""
+    pool_uri, base = keyed_pool
+    source = tmp_path / "in.parquet"
+    ids = [f"w{k}" for k in range(len(NEAR_ANCHORS))]
+    pq.write_table(pa.table({"id": ids, "text": NEAR_ANCHORS}), source)
+    out = tmp_path / "out"
+    cli = ["restyle", "--pool", pool_uri, "--input", str(source), "--output", str(out),
+           "--mode", mode, "--lambda", str(LAM), "--tau", str(TAU), "--top-k", str(TOP_K),
+           "--rank", str(RANK), "--batch-size", "4", "--max-new-tokens", "6"]  # fmt: skip
+    cli += ["--style", style] if style else []
+    cli += ["--merge-order", order] if order else []
+    capsys.readouterr()
+    assert main(cli) == 0
+    printed = json.loads(capsys.readouterr().out)
+    pool = Pool.open(pool_uri)
+    table = _output(out)
+    assert table.column("id").to_pylist() == ids
+    weights = [dict(row) for row in table.column("weights").to_pylist()]
+    query = pool.style_keys[pool.sources.index(style)] if style else None
+    check(pool, as_matrix(pool, weights), query, featurizer.encode(NEAR_ANCHORS), LAM, TAU, TOP_K)
+    applied = {"lambda": LAM if style else 0.0,
+               "levels": ["task", "instance"] if style else ["instance"], "tau": TAU,
+               "top_k": TOP_K}  # fmt: skip
+    if mode == "instance":
+        applied.update(rank=RANK, merge_order=order or "sum_then_truncate")
+    record = json.loads((out / SUMMARY_FILE).read_text())
+    assert record["retrieval_applied"] == printed["retrieval_applied"] == applied
+    assert record["job"]["retrieval"]["lam"] == applied["lambda"]  # what resume compares
+    if mode != "instance":
+        return
+    merge = pool_merge_sources(pool)
+    outputs = table.column("output").to_pylist()
+    others = []
+    for k, (text, row) in enumerate(zip(NEAR_ANCHORS, weights, strict=True)):
+        for used in dict.fromkeys([applied["merge_order"], "sum_then_truncate"]):
+            [adapter] = merge_weighted(merge, [str(tmp_path / f"{used}{k}")], [row], RANK,
+                                       progress=False, merge_order=used)  # fmt: skip
+            [got] = generate(_adapted(base, adapter), [text], max_new_tokens=6)
+            if used == applied["merge_order"]:
+                assert got == outputs[k], (used, text)
+            else:
+                others.append(got)
+    assert order is None or others != outputs  # truncate_then_sum really changed the rows
 
 
 def test_cli_takes_exactly_one_of_pool_or_adapter(capsys, tmp_path) -> None:
