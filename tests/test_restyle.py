@@ -278,14 +278,17 @@ def test_mixture_mode_rows_equal_peft_with_their_exact_weighted_sum(
         assert generate(_adapted(base, adapter), [text], max_new_tokens=6) == [got], text
 
 
+# near one anchor each, and (the last two) between two: balanced weights, where the merge
+# orders differ most
 NEAR_ANCHORS = ["the old dog sleeps near the river", "a green sun rises",
-                "she runs under the bridge", "the dog runs under the sun"]  # fmt: skip
+                "she runs under the bridge", "the dog runs under the sun",
+                "a dog walks on the bridge"]  # fmt: skip
 LAM, TAU, TOP_K, RANK = 0.7, 0.2, 2, 2
 
 
 @pytest.mark.parametrize(
     ("mode", "style", "order"),
-    [("instance", None, None), ("instance", "k-b", "truncate_then_sum"),
+    [("instance", None, "truncate_then_sum"), ("instance", "k-b", None),
      ("mixture", None, None), ("mixture", "k-c", None)],
 )  # fmt: skip
 def test_written_weights_follow_the_retrieval_formula(
