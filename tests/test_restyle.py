@@ -255,29 +255,6 @@ def test_instance_mode_resumes_and_each_row_equals_peft_with_its_merge(
         assert generate(_adapted(base, adapter), [text], max_new_tokens=6) == [got], text
 
 
-def test_mixture_mode_rows_equal_peft_with_their_exact_weighted_sum(
-    t5_pool, ray_session, tmp_path
-) -> None:
-    """`mixture`: every row runs the untruncated Σ w_s B_s A_s of its own weights, equal to
-    that row alone through PEFT with the exact ("linear") merge of those weights."""
-    pool_uri, base = t5_pool
-    texts = GOOD[:4]
-    source = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": [f"m{k}" for k in range(4)], "text": texts}), source)
-    out = tmp_path / "out"
-    restyle_corpus(str(source), str(out), pool=pool_uri, mode="mixture", top_k=2, batch_size=4,
-                   max_new_tokens=6)  # fmt: skip
-    table = _output(out)
-    weights = [dict(row) for row in table.column("weights").to_pylist()]
-    assert all(len(row) == 2 and sum(row.values()) == pytest.approx(1.0) for row in weights)
-    merge = pool_merge_sources(Pool.open(pool_uri))
-    outputs = table.column("output").to_pylist()
-    for k, (text, row, got) in enumerate(zip(texts, weights, outputs, strict=True)):
-        ref = str(tmp_path / f"ref{k}")
-        [adapter] = merge_weighted(merge, [ref], [row], 1, method="linear", progress=False)
-        assert generate(_adapted(base, adapter), [text], max_new_tokens=6) == [got], text
-
-
 # near one anchor each, and (the last two) between two: balanced weights, where the merge
 # orders differ most
 NEAR_ANCHORS = ["the old dog sleeps near the river", "a green sun rises",
@@ -296,8 +273,9 @@ def test_written_weights_follow_the_retrieval_formula(
 ) -> None:
     """The weights `twist restyle --pool` writes equal R_s computed here from the pool's keys
     (`retrieval_reference`): λ with a style (a pool source's style key), the instance level
-    alone without one, as `retrieval_applied` records. Instance rows equal PEFT with their
-    merge in the order asked (`--merge-order`), which changes the outputs."""
+    alone without one, as `retrieval_applied` records. Every row equals that row alone
+    through PEFT with its own merge: instance, rank q in the order asked (`--merge-order`,
+    which changes the outputs); mixture, the exact ("linear") weighted sum."""
     pool_uri, base = keyed_pool
     source = tmp_path / "in.parquet"
     ids = [f"w{k}" for k in range(len(NEAR_ANCHORS))]
@@ -325,21 +303,23 @@ def test_written_weights_follow_the_retrieval_formula(
     record = json.loads((out / SUMMARY_FILE).read_text())
     assert record["retrieval_applied"] == printed["retrieval_applied"] == applied
     assert record["job"]["retrieval"]["lam"] == applied["lambda"]  # what resume compares
-    if mode != "instance":
-        return
+    # each row's output: PEFT with that row's merge (instance: rank q in the order asked, and
+    # sum_then_truncate to compare; mixture: the exact, untruncated weighted sum)
     merge = pool_merge_sources(pool)
     outputs = table.column("output").to_pylist()
+    used = applied.get("merge_order")
     others = []
     for k, (text, row) in enumerate(zip(NEAR_ANCHORS, weights, strict=True)):
-        for used in dict.fromkeys([applied["merge_order"], "sum_then_truncate"]):
-            [adapter] = merge_weighted(merge, [str(tmp_path / f"{used}{k}")], [row], RANK,
-                                       progress=False, merge_order=used)  # fmt: skip
-            [got] = generate(_adapted(base, adapter), [text], max_new_tokens=6)
-            if used == applied["merge_order"]:
-                assert got == outputs[k], (used, text)
-            else:
-                others.append(got)
-    assert order is None or others != outputs  # truncate_then_sum really changed the rows
+        ref = str(tmp_path / f"ref{k}")
+        if mode == "mixture":
+            merge_weighted(merge, [ref], [row], 1, method="linear", progress=False)
+        else:
+            merge_weighted(merge, [ref], [row], RANK, progress=False, merge_order=used)
+        assert generate(_adapted(base, ref), [text], max_new_tokens=6) == [outputs[k]], text
+        if used == "truncate_then_sum":
+            merge_weighted(merge, [ref + "s"], [row], RANK, progress=False)
+            others += generate(_adapted(base, ref + "s"), [text], max_new_tokens=6)
+    assert used != "truncate_then_sum" or others != outputs  # the order changed the rows
 
 
 def test_cli_takes_exactly_one_of_pool_or_adapter(capsys, tmp_path) -> None:
