@@ -382,8 +382,13 @@ def test_styler_rows_follow_the_order(t5_pool) -> None:
     backbone = load_backbone(t5_pool[1])
     settings = InstanceRetrievalSettings(rank=2, top_k=2, merge_order=TTS)
     styler = Styler(backbone, pool, settings, "cpu", modes=("instance",))
-    weights = styler.weights(["the old dog sleeps", "a green river runs near the sun"])
+    texts = ["the old dog sleeps", "a green river runs near the sun"]
+    weights = styler.weights(texts)
     assert ((weights > 0).sum(axis=1) == 2).all()
+    # rows with and without a style in one call: each as if retrieved on its own
+    mixed = styler.weights(texts, [None, "pirate"])
+    np.testing.assert_allclose(mixed[0], weights[0], atol=1e-6)  # padding differs by batch
+    np.testing.assert_allclose(mixed[1], styler.weights(texts[1:], ["pirate"])[0], atol=1e-6)
     rows = styler.row_factors(weights, "instance")
     merged = styler.sources.merge(torch.from_numpy(weights).float(), 2, merge_order=TTS)
     for r, row in enumerate(weights):
