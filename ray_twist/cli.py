@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     restyle.add_argument("--output", required=True, help="output URI (Parquet parts; resumable)")
     restyle.add_argument("--base-model", help="[the adapter's or the pool's base model]")
     restyle.add_argument("--style", help="--adapter: label written with each row; --pool: a "
-                         "pool source whose style key is the task-level query")  # fmt: skip
+                         "pool source whose style key is the task-level query [none: instance "
+                         "level only]")  # fmt: skip
     restyle.add_argument("--batch-size", type=int, default=16)
     restyle.add_argument("--min-workers", type=int, default=1)
     restyle.add_argument("--max-workers", type=int, default=1)

@@ -6,6 +6,17 @@ q_t is a style query compared with the source's cluster key k_c(s) (task level);
 input query compared with the source's input key k_s (instance level: one sentence in
 serving, or a target task's mean input embedding). Sources outside a row's top-k get 0.
 Everything is batched over rows: T targets or T sentences at once.
+
+The two levels live in different spaces. Cluster keys are centroids of style *shift*
+vectors (mean(targets) − mean(sources) of a source's data, `ray_twist.features`); input
+keys are mean embeddings of what a source is applied to. So q_t must be a shift too: a
+target task's style key (init, merge), or a named style's key (a pool source's, or a
+registered style's from its examples) in serving and bulk restyling. One sentence on its
+own has no shift, so **a sentence without a style is retrieved at the instance level
+only: λ is applied as 0** (`applied_lambda`), whatever λ is configured. Comparing the
+sentence's embedding with cluster keys, as if it were a shift, would mix the spaces. The
+serve response (`retrieval_applied`) and a bulk restyle's records (`retrieval_applied` in
+`_summary.json`) say which λ and levels applied.
 """
 
 from __future__ import annotations
@@ -104,6 +115,23 @@ def retrieval_scores(
     return out
 
 
+def applied_lambda(lam: float, has_style_query: bool) -> float:
+    """λ as applied to a row: the configured λ with a style query, 0 (the instance level
+    alone) without one — a sentence alone gives no style shift to compare with cluster keys."""
+    return lam if has_style_query else 0.0
+
+
+def levels(lam: float) -> list[str]:
+    """The levels an applied λ uses: "task" (λ > 0) and/or "instance" (λ < 1)."""
+    return [name for name, used in (("task", lam > 0), ("instance", lam < 1)) if used]
+
+
+def applied_retrieval(settings: RetrievalSettings, has_style_query: bool) -> dict[str, Any]:
+    """What a row's weights were computed with: the applied λ, its levels, τ and top-k."""
+    lam = applied_lambda(settings.lam, has_style_query)
+    return {"lambda": lam, "levels": levels(lam), "tau": settings.tau, "top_k": settings.top_k}
+
+
 def task_retrieval(
     pool: KeyedSources, key: TaskKeys, lam: float = 0.5, tau: float = 0.1, top_k: int | None = None
 ) -> dict[str, float]:
@@ -124,13 +152,17 @@ def instance_retrieval(
 ) -> np.ndarray:
     """(T, N) scores for T input sentences, columns in `pool.sources` order.
 
-    `style_query` ((d,) or (T, d)) is the wanted style's key for the task-level term;
-    without one, each sentence is its own query at both levels.
+    `style_query` ((d,) or (T, d)) is the wanted style's key (a style shift) for the
+    task-level term; without one there is no task-level query and each sentence is scored
+    at the instance level alone (λ applied as 0, see `applied_lambda`).
     """
     inputs = _matrix(input_embeddings, "input_embeddings")
-    task = inputs if style_query is None else _matrix(style_query, "style_query", inputs.shape[1])
-    if len(task) == 1:
-        task = np.broadcast_to(task, inputs.shape)
+    task = None
+    if style_query is not None:
+        task = _matrix(style_query, "style_query", inputs.shape[1])
+        if len(task) == 1:
+            task = np.broadcast_to(task, inputs.shape)
+    lam = applied_lambda(lam, style_query is not None)
     return retrieval_scores(
         task, inputs, pool.source_cluster_keys(), pool.input_keys, lam, tau, top_k
     )

@@ -8,12 +8,15 @@ row sent to the server. `Styler.run`:
 1. retrieval, for the rows of pool modes ("instance", "mixture"), in one pass: featurize each
    input with the pool's featurizer, then instance retrieval weights R_x over the pool's
    sources (`ray_twist.retrieval`; λ, τ, top-k); the input is the weight-level query, and
-   the task-level query is a named style's key or, without one, the input itself;
+   the task-level query is a named style's key; a row without a style is retrieved at the
+   instance level alone (λ applied as 0: a sentence is no style shift, see
+   `ray_twist.retrieval`);
 2. per-row LoRA factors (`ray_twist.lora.RowAdapters`), built stacked and never split per
    row: "instance" rows get the rank-q truncated SVD of Σ_s R_s ΔW_s (one batched core SVD
    per module for every instance row of the call, from the pool's cached QR factors) — or,
-   with `merge_order: truncate_then_sum`, Σ_s R_s trunc_q(ΔW_s) over each source's cached
-   top-q SVD (no SVD per row) — and "mixture" rows the untruncated Σ_s R_s ΔW_s over the
+   with `merge_order: truncate_then_sum` (the styler's default or a part's own), Σ_s R_s
+   trunc_q(ΔW_s) over each source's cached top-q SVD (no SVD per row) — and "mixture" rows
+   the untruncated Σ_s R_s ΔW_s over the
    stacked factors; "adapted" rows run their named adapter (or, without one, the model as
    loaded: bulk restyling merges its one adapter in with `ray_twist.lora.apply_adapter`);
 3. one `generate_ids` per group of rows that can share a forward pass: rows are split only
@@ -41,7 +44,7 @@ from ray_twist.lora import (
     concat_rows,
     row_lora,
 )
-from ray_twist.merge import ModuleFactors
+from ray_twist.merge import MergeOrder, ModuleFactors
 from ray_twist.pool import Pool, pool_merge_sources
 from ray_twist.retrieval import InstanceRetrievalSettings, instance_retrieval
 
@@ -55,9 +58,10 @@ def weight_dicts(names: Sequence[str], weights: np.ndarray) -> list[dict[str, fl
 class Part:
     """Rows that share a mode, a style and decoding settings.
 
-    `style` names the task-level query of pool modes (a key of `Styler.style_keys`; None: each
-    text its own). `adapter` is an adapted-mode row's named adapter; `factors` are per-row
-    factors the caller brings (e.g. a restyle `row_styler`), used instead of retrieval.
+    `style` names the task-level query of pool modes (a key of `Styler.style_keys`; None: the
+    instance level alone). `merge_order` overrides the styler's for instance-mode rows.
+    `adapter` is an adapted-mode row's named adapter; `factors` are per-row factors the
+    caller brings (e.g. a restyle `row_styler`), used instead of retrieval.
     """
 
     texts: list[str]
@@ -67,6 +71,7 @@ class Part:
     style: str | None = None
     adapter: ModuleFactors | None = None
     factors: RowAdapters | None = None
+    merge_order: MergeOrder | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,8 @@ class Styler:
     With a pool it loads every source's factors once, computes the QR factors of each
     module's stack up front (not inside the first batch) and, for each of `modes` that needs
     one, the concatenated or truncated stacks. `style_keys` adds styles beyond the pool's
-    sources (e.g. a registered style's key from its examples) that parts may name.
+    sources (e.g. a registered style's key from its examples) that parts may name;
+    `merge_orders` are orders parts may ask for beyond the settings' own, prepared up front.
     """
 
     def __init__(
@@ -111,6 +117,7 @@ class Styler:
         featurizer: Featurizer | None = None,
         style_keys: Mapping[str, np.ndarray] | None = None,
         modes: Sequence[RowMode] = ROW_MODES,
+        merge_orders: Sequence[MergeOrder] = (),
     ) -> None:
         self.backbone, self.pool = backbone, pool
         self.settings = settings or InstanceRetrievalSettings()
@@ -120,7 +127,8 @@ class Styler:
         where = None if device is None else str(device)
         self.featurizer = featurizer or Featurizer(pool.featurizer, device=where)
         self.sources = pool_merge_sources(pool, device)
-        self.sources.prepare(self.settings.rank, self.settings.merge_order, modes)
+        for order in dict.fromkeys([self.settings.merge_order, *merge_orders]):
+            self.sources.prepare(self.settings.rank, order, modes)
         self.style_keys = {name: pool.style_keys[i] for i, name in enumerate(pool.sources)}
         self.style_keys.update(style_keys or {})
 
@@ -131,7 +139,8 @@ class Styler:
 
     def weights(self, texts: list[str], styles: Sequence[str | None] | None = None) -> np.ndarray:
         """(T, N) source weights, one row per text; `styles[i]` (a key of `style_keys`)
-        makes that style the row's task-level query, None the text itself."""
+        makes that style the row's task-level query; None scores the row at the instance
+        level alone (`ray_twist.retrieval.applied_lambda`)."""
         if self.pool is None:
             raise ValueError("instance and mixture modes need a weight pool; this styler has none")
         styles = [None] * len(texts) if styles is None else list(styles)
@@ -141,14 +150,30 @@ class Styler:
         if unknown:
             raise ValueError(f"unknown style(s) {unknown}; known: {sorted(self.style_keys)}")
         emb = self.featurizer.encode(texts)
-        query = np.stack([self.style_keys[s] if s else e for s, e in zip(styles, emb, strict=True)])
         p = self.settings
-        return instance_retrieval(self.pool, emb, p.lam, p.tau, p.top_k, style_query=query)
+        out = np.zeros((len(texts), len(self.names)))
+        styled = np.array([s is not None for s in styles], dtype=bool)
+        if styled.any():
+            query = np.stack([self.style_keys[s] for s in styles if s is not None])
+            out[styled] = instance_retrieval(
+                self.pool, emb[styled], p.lam, p.tau, p.top_k, style_query=query
+            )
+        if not styled.all():
+            out[~styled] = instance_retrieval(self.pool, emb[~styled], p.lam, p.tau, p.top_k)
+        return out
 
-    def row_factors(self, weights: np.ndarray, mode: RowMode = "instance") -> RowAdapters:
-        """Per-row factors of a pool mode for (T, N) source weights (`MergeSources.rows`)."""
+    def row_factors(
+        self, weights: np.ndarray, mode: RowMode = "instance", merge_order: MergeOrder | None = None
+    ) -> RowAdapters:
+        """Per-row factors of a pool mode for (T, N) source weights (`MergeSources.rows`), in
+        `merge_order` (None: the settings')."""
         p = self.settings
-        return self.sources.rows(torch.from_numpy(weights).float(), mode, p.rank, p.merge_order)
+        order = merge_order or p.merge_order
+        return self.sources.rows(torch.from_numpy(weights).float(), mode, p.rank, order)
+
+    def merge_order(self, part: Part) -> MergeOrder:
+        """The merge order of a part's instance-mode rows: its own, else the settings'."""
+        return part.merge_order or self.settings.merge_order
 
     def check_adapter(self, adapter: ModuleFactors) -> None:
         """Raise (KeyError, ValueError) if a named adapter does not fit the base model."""
@@ -201,9 +226,9 @@ class Styler:
             return ("given", index)
         if part.mode == "adapted":
             return "explicit" if part.adapter is not None else "none"
-        if part.mode == "instance" and self.settings.merge_order != "truncate_then_sum":
+        if part.mode == "instance" and self.merge_order(part) != "truncate_then_sum":
             return "explicit"
-        return part.mode
+        return part.mode  # "instance" here: the truncate_then_sum stack
 
     def _groups(self, parts: Sequence[Part], weights: list[np.ndarray | None]) -> list[_Group]:
         """Parts grouped by (factor form, decoding settings), each group's factors built."""
@@ -216,7 +241,7 @@ class Styler:
                   if parts[i].mode == "instance"]  # fmt: skip
         slices: dict[int, RowAdapters] = {}
         if merged:
-            every = self.row_factors(_stacked(weights, merged), "instance")
+            every = self.row_factors(_stacked(weights, merged), "instance", "sum_then_truncate")
             offsets = np.cumsum([0] + [len(parts[i].ids) for i in merged])
             for k, i in enumerate(merged):
                 slices[i] = every.select(slice(int(offsets[k]), int(offsets[k + 1])))
@@ -226,8 +251,11 @@ class Styler:
             if form == "explicit":
                 blocks = [slices[i] if i in slices else _adapter_rows(parts[i]) for i in members]
                 factors = concat_rows(blocks)
-            elif form == "instance" or form == "mixture":
-                factors = self.row_factors(_stacked(weights, members), form)
+            elif form == "instance":
+                stacked = _stacked(weights, members)
+                factors = self.row_factors(stacked, "instance", "truncate_then_sum")
+            elif form == "mixture":
+                factors = self.row_factors(_stacked(weights, members), "mixture")
             elif form != "none":
                 factors = parts[members[0]].factors
             groups.append(_Group(members, settings, factors))

@@ -37,6 +37,14 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def featurizer():
+    """The default (packaged MiniLM) featurizer, loaded once: what pools key with."""
+    from ray_twist.features import Featurizer
+
+    return Featurizer(device="cpu")
+
+
 POOL_STYLES = ["pirate", "sailor", "formal"]
 
 
@@ -56,4 +64,21 @@ def t5_pool(tiny_backbones, tmp_path_factory) -> tuple[str, str]:
         code = main(["pool", "add", "--pool", str(root / "pool"), "--adapter",
                      str(root / f"ad_{style}"), "--corpus", corpus, "--name", style])  # fmt: skip
         assert code == 0
+    return str(root / "pool"), base
+
+
+@pytest.fixture(scope="session")
+def keyed_pool(tiny_backbones, featurizer, tmp_path_factory) -> tuple[str, str]:
+    """(pool URI, base model path): three random rank-4 tiny-T5 LoRAs whose keys make
+    retrieval decisive (`retrieval_reference.keyed_entries`), for tests of the weights."""
+    from retrieval_reference import keyed_entries
+
+    from ray_twist.backbone import save_random_lora
+    from ray_twist.pool import add_sources
+
+    root = tmp_path_factory.mktemp("keyed_pool")
+    base = tiny_backbones["t5"]
+    adapters = {name: save_random_lora(base, root / name, seed=seed, rank=4)
+                for seed, name in enumerate(["k-a", "k-b", "k-c"], start=5)}  # fmt: skip
+    add_sources(root / "pool", keyed_entries(featurizer, adapters), base_model=base)
     return str(root / "pool"), base

@@ -1,6 +1,8 @@
 """`merge_order`: sum_then_truncate (top-q SVD of Σ R_s ΔW_s, unchanged) vs truncate_then_sum
 (Σ R_s trunc_q(ΔW_s), kept exactly at rank Σ min(q, r_s)), against dense references, through
-PEFT, `twist adapt`'s init, `twist merge`, serving, bulk restyle and the study's plan."""
+PEFT, `twist adapt`'s init, `twist init`, `twist merge`, the merge_targets job, serving (server
+default and per request: here, the engine, and over HTTP in test_serve), bulk restyle (here,
+and a real `twist restyle --merge-order` run in test_restyle) and the study's plan."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
+from retrieval_reference import as_matrix, check, mean_key, shift_key
 
 from ray_twist.adapt import AdaptConfig
 from ray_twist.backbone import Backbone, load_backbone, save_random_lora
@@ -276,6 +279,95 @@ def test_uniform_init_and_cli_merge_follow_the_order(t5_pool, tmp_path: Path, ca
         assert _rel(deltas[module], ref) < 1e-5, module
 
 
+@pytest.fixture(scope="module")
+def polite(tmp_path_factory) -> tuple:
+    """A target task (register family: a sibling of the pool's "formal") and its data file."""
+    from ray_twist.data import make_task, write_task_jsonl
+
+    task = make_task("polite", 8, seed=3)
+    return task, write_task_jsonl(task, tmp_path_factory.mktemp("polite") / "polite.jsonl")
+
+
+def _check_target_weights(pool, featurizer, task, weights: dict, lam: float) -> None:
+    """A target task's R_s against the formula: its style shift at the task level, its mean
+    input at the instance level (`retrieval_reference`, not `ray_twist.retrieval`)."""
+    q_t = shift_key(featurizer, task.sources, task.targets)
+    q_x = mean_key(featurizer, task.sources)
+    check(pool, as_matrix(pool, [weights]), q_t, q_x, lam, 0.1, None)
+
+
+def test_cli_init_retrieves_by_the_formula_and_merges_in_order(
+    keyed_pool, featurizer, polite, tmp_path: Path
+) -> None:
+    """`twist init --merge-order truncate_then_sum`: the recorded R_s is the formula's, and the
+    adapter PEFT loads is Σ R_s trunc_q(ΔW_s) at rank q × the sources it weights."""
+    from ray_twist.cli import main
+    from ray_twist.initialise import RETRIEVAL_FILE
+    from ray_twist.pool import Pool
+
+    pool_uri, base = keyed_pool
+    task, data = polite
+    out = tmp_path / "init"
+    assert main(["init", "--pool", pool_uri, "--target", data, "--out", str(out), "--rank", "2",
+                 "--lambda", "0.8", "--merge-order", TTS]) == 0  # fmt: skip
+    record = json.loads((out / RETRIEVAL_FILE).read_text())
+    pool = Pool.open(pool_uri)
+    _check_target_weights(pool, featurizer, task, record["weights"], 0.8)
+    assert record["merge_order"] == TTS and record["lambda"] == 0.8
+    deltas, rank = _peft_deltas(base, str(out))
+    assert rank == 2 * len(pool.sources)  # every source weighted, each kept at q = 2 < r_s
+    for module, ref in _pool_reference(pool, record["weights"], 2).items():
+        assert _rel(deltas[module], ref) < 1e-5, module
+
+
+def test_merge_targets_job_retrieves_by_the_formula_and_merges_in_order(
+    keyed_pool, featurizer, polite, tmp_path: Path
+) -> None:
+    """`jobs/merge_targets.py` (`run_merge_targets`): `retrieval.merge_order` reaches a target
+    with given weights and one retrieved from its data; R_s of the latter is the formula's."""
+    from ray_twist.initialise import RETRIEVAL_FILE, run_merge_targets
+    from ray_twist.pool import Pool
+
+    pool_uri, base = keyed_pool
+    pool = Pool.open(pool_uri)
+    task, data = polite
+    given = {pool.sources[0]: 0.7, pool.sources[2]: 0.3}
+    table = tmp_path / "targets.jsonl"
+    table.write_text(json.dumps({"name": "given", "weights": given}) + "\n"
+                     + json.dumps({"name": "polite", "data": data}) + "\n")  # fmt: skip
+    retrieval = RetrievalSettings.model_validate({"lambda": 0.8, "merge_order": TTS})
+    config = MergeTargetsConfig(pool=pool_uri, targets=str(table), out=str(tmp_path / "out"),
+                                rank=2, retrieval=retrieval)  # fmt: skip
+    run_merge_targets(config)
+    for name in ("given", "polite"):
+        record = json.loads((tmp_path / "out" / name / RETRIEVAL_FILE).read_text())
+        assert record["merge_order"] == TTS
+        weights = record["weights"]
+        deltas, rank = _peft_deltas(base, str(tmp_path / "out" / name))
+        assert rank == 2 * sum(w != 0 for w in weights.values())
+        for module, ref in _pool_reference(pool, weights, 2).items():
+            assert _rel(deltas[module], ref) < 1e-5, (name, module)
+    assert record["weights"] != given
+    _check_target_weights(pool, featurizer, task, record["weights"], 0.8)
+
+
+def test_serving_orders_are_limited_by_the_server() -> None:
+    """A request may ask only for an order in the server's `limits.merge_orders` (422 naming
+    `merge_order`), and the server's default must be one of them."""
+    from ray_twist.serve.api import ApiError, parse_restyle
+    from ray_twist.serve.config import LimitSettings, ServeConfig
+
+    body = json.dumps({"texts": ["hi"], "mode": "instance", "merge_order": TTS}).encode()
+    assert parse_restyle(body, LimitSettings()).merge_order == TTS
+    with pytest.raises(ApiError) as exc:
+        parse_restyle(body, LimitSettings(merge_orders=["sum_then_truncate"]))
+    assert (exc.value.status, exc.value.field) == (422, "merge_order")
+    assert "not enabled on this server" in exc.value.message
+    with pytest.raises(ValueError, match="not in limits.merge_orders"):
+        ServeConfig.model_validate({"pool": "p", "retrieval": {"merge_order": TTS},
+                                    "limits": {"merge_orders": ["sum_then_truncate"]}})  # fmt: skip
+
+
 # ------------------------------------------------------------------ serving and bulk restyle
 
 
@@ -290,8 +382,13 @@ def test_styler_rows_follow_the_order(t5_pool) -> None:
     backbone = load_backbone(t5_pool[1])
     settings = InstanceRetrievalSettings(rank=2, top_k=2, merge_order=TTS)
     styler = Styler(backbone, pool, settings, "cpu", modes=("instance",))
-    weights = styler.weights(["the old dog sleeps", "a green river runs near the sun"])
+    texts = ["the old dog sleeps", "a green river runs near the sun"]
+    weights = styler.weights(texts)
     assert ((weights > 0).sum(axis=1) == 2).all()
+    # rows with and without a style in one call: each as if retrieved on its own
+    mixed = styler.weights(texts, [None, "pirate"])
+    np.testing.assert_allclose(mixed[0], weights[0], atol=1e-6)  # padding differs by batch
+    np.testing.assert_allclose(mixed[1], styler.weights(texts[1:], ["pirate"])[0], atol=1e-6)
     rows = styler.row_factors(weights, "instance")
     merged = styler.sources.merge(torch.from_numpy(weights).float(), 2, merge_order=TTS)
     for r, row in enumerate(weights):
@@ -368,7 +465,8 @@ def test_restyle_takes_the_order(tmp_path: Path, monkeypatch) -> None:
                          "text", "id", pool="p", pool_generation=1, retrieval=retrieval)  # fmt: skip
         return job.identity()["retrieval"]
 
-    assert identity(InstanceRetrievalSettings()) == {"lam": 0.5, "tau": 0.1, "top_k": None,
+    # the λ applied: 0 for this style-less job (the instance level alone)
+    assert identity(InstanceRetrievalSettings()) == {"lam": 0.0, "tau": 0.1, "top_k": None,
                                                      "rank": 8}  # fmt: skip
     assert identity(InstanceRetrievalSettings(merge_order=TTS))["merge_order"] == TTS
 

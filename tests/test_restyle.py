@@ -15,6 +15,7 @@ import pytest
 import ray.cloudpickle
 import torch
 from peft import PeftModel
+from retrieval_reference import as_matrix, check
 
 from ray_twist.backbone import Backbone, load_backbone, save_random_lora
 from ray_twist.cli import main
@@ -259,27 +260,71 @@ def test_instance_mode_resumes_and_each_row_equals_peft_with_its_merge(
         assert generate(_adapted(base, adapter), [text], max_new_tokens=6) == [got], text
 
 
-def test_mixture_mode_rows_equal_peft_with_their_exact_weighted_sum(
-    t5_pool, ray_session, tmp_path
+# near one anchor each, and (the last two) between two: balanced weights, where the merge
+# orders differ most
+NEAR_ANCHORS = ["the old dog sleeps near the river", "a green sun rises",
+                "she runs under the bridge", "the dog runs under the sun",
+                "a dog walks on the bridge"]  # fmt: skip
+LAM, TAU, TOP_K, RANK = 0.7, 0.2, 2, 2
+
+
+@pytest.mark.parametrize(
+    ("mode", "style", "order"),
+    [("instance", None, "truncate_then_sum"), ("instance", "k-b", None),
+     ("mixture", None, None), ("mixture", "k-c", None)],
+)  # fmt: skip
+def test_written_weights_follow_the_retrieval_formula(
+    keyed_pool, featurizer, ray_session, tmp_path, capsys, mode, style, order
 ) -> None:
-    """`mixture`: every row runs the untruncated Σ w_s B_s A_s of its own weights, equal to
-    that row alone through PEFT with the exact ("linear") merge of those weights."""
-    pool_uri, base = t5_pool
-    texts = GOOD[:4]
+    """The weights `twist restyle --pool` writes equal R_s computed here from the pool's keys
+    (`retrieval_reference`): λ with a style (a pool source's style key), the instance level
+    alone without one, as `retrieval_applied` records. Every row equals that row alone
+    through PEFT with its own merge: instance, rank q in the order asked (`--merge-order`,
+    which changes the outputs); mixture, the exact ("linear") weighted sum."""
+    pool_uri, base = keyed_pool
     source = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": [f"m{k}" for k in range(4)], "text": texts}), source)
+    ids = [f"w{k}" for k in range(len(NEAR_ANCHORS))]
+    pq.write_table(pa.table({"id": ids, "text": NEAR_ANCHORS}), source)
     out = tmp_path / "out"
-    restyle_corpus(str(source), str(out), pool=pool_uri, mode="mixture", top_k=2, batch_size=4,
-                   max_new_tokens=6)  # fmt: skip
+    cli = ["restyle", "--pool", pool_uri, "--input", str(source), "--output", str(out),
+           "--mode", mode, "--lambda", str(LAM), "--tau", str(TAU), "--top-k", str(TOP_K),
+           "--rank", str(RANK), "--batch-size", "4", "--max-new-tokens", "6"]  # fmt: skip
+    cli += ["--style", style] if style else []
+    cli += ["--merge-order", order] if order else []
+    capsys.readouterr()
+    assert main(cli) == 0
+    printed = json.loads(capsys.readouterr().out)
+    pool = Pool.open(pool_uri)
     table = _output(out)
+    assert table.column("id").to_pylist() == ids
     weights = [dict(row) for row in table.column("weights").to_pylist()]
-    assert all(len(row) == 2 and sum(row.values()) == pytest.approx(1.0) for row in weights)
-    merge = pool_merge_sources(Pool.open(pool_uri))
+    query = pool.style_keys[pool.sources.index(style)] if style else None
+    check(pool, as_matrix(pool, weights), query, featurizer.encode(NEAR_ANCHORS), LAM, TAU, TOP_K)
+    applied = {"lambda": LAM if style else 0.0,
+               "levels": ["task", "instance"] if style else ["instance"], "tau": TAU,
+               "top_k": TOP_K}  # fmt: skip
+    if mode == "instance":
+        applied.update(rank=RANK, merge_order=order or "sum_then_truncate")
+    record = json.loads((out / SUMMARY_FILE).read_text())
+    assert record["retrieval_applied"] == printed["retrieval_applied"] == applied
+    assert record["job"]["retrieval"]["lam"] == applied["lambda"]  # what resume compares
+    # each row's output: PEFT with that row's merge (instance: rank q in the order asked, and
+    # sum_then_truncate to compare; mixture: the exact, untruncated weighted sum)
+    merge = pool_merge_sources(pool)
     outputs = table.column("output").to_pylist()
-    for k, (text, row, got) in enumerate(zip(texts, weights, outputs, strict=True)):
+    used = applied.get("merge_order")
+    others = []
+    for k, (text, row) in enumerate(zip(NEAR_ANCHORS, weights, strict=True)):
         ref = str(tmp_path / f"ref{k}")
-        [adapter] = merge_weighted(merge, [ref], [row], 1, method="linear", progress=False)
-        assert generate(_adapted(base, adapter), [text], max_new_tokens=6) == [got], text
+        if mode == "mixture":
+            merge_weighted(merge, [ref], [row], 1, method="linear", progress=False)
+        else:
+            merge_weighted(merge, [ref], [row], RANK, progress=False, merge_order=used)
+        assert generate(_adapted(base, ref), [text], max_new_tokens=6) == [outputs[k]], text
+        if used == "truncate_then_sum":
+            merge_weighted(merge, [ref + "s"], [row], RANK, progress=False)
+            others += generate(_adapted(base, ref + "s"), [text], max_new_tokens=6)
+    assert used != "truncate_then_sum" or others != outputs  # the order changed the rows
 
 
 def test_cli_takes_exactly_one_of_pool_or_adapter(capsys, tmp_path) -> None:

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from ray_twist.features import TaskKey
-from ray_twist.retrieval import instance_retrieval, retrieval_scores, task_retrieval
+from ray_twist.retrieval import (
+    RetrievalSettings,
+    applied_lambda,
+    applied_retrieval,
+    instance_retrieval,
+    levels,
+    retrieval_scores,
+    task_retrieval,
+)
 
 T, N, D = 5, 6, 8
 
@@ -117,6 +125,19 @@ def test_pool_conveniences(data) -> None:
     style = data["task_queries"][0]
     per_row = instance_retrieval(pool, data["instance_queries"], style_query=style, lam=1.0)  # type: ignore[arg-type]
     assert per_row.shape == (T, N) and np.allclose(per_row, per_row[0])
-    own = instance_retrieval(pool, data["instance_queries"])  # type: ignore[arg-type]
-    both = retrieval_scores(data["instance_queries"], data["instance_queries"], *keys(data))
-    np.testing.assert_allclose(own, both)
+    # without a style query: the instance level alone, whatever λ (a sentence is no shift)
+    for lam in (0.0, 0.5, 1.0):
+        own = instance_retrieval(pool, data["instance_queries"], lam=lam)  # type: ignore[arg-type]
+        alone = retrieval_scores(None, data["instance_queries"], *keys(data), lam=0.0)
+        np.testing.assert_allclose(own, alone)
+    mixed = retrieval_scores(data["instance_queries"], data["instance_queries"], *keys(data))
+    assert not np.allclose(own, mixed)
+
+
+def test_applied_lambda_and_levels() -> None:
+    settings = RetrievalSettings.model_validate({"lambda": 0.7, "top_k": 2})
+    assert applied_retrieval(settings, True) == {
+        "lambda": 0.7, "levels": ["task", "instance"], "tau": 0.1, "top_k": 2
+    }  # fmt: skip
+    assert applied_retrieval(settings, False)["lambda"] == applied_lambda(0.7, False) == 0.0
+    assert levels(0.0) == ["instance"] and levels(1.0) == ["task"]

@@ -17,6 +17,7 @@ import ray
 import torch
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
+from retrieval_reference import as_matrix, check, keyed_entries, shift_key
 
 from ray_twist.backbone import Backbone, load_backbone, save_random_lora
 from ray_twist.features import TaskKey
@@ -35,6 +36,9 @@ LIMITS = {"max_texts": 4, "max_text_chars": 400, "max_input_tokens": 24, "max_ne
           "default_max_new_tokens": 6, "max_num_beams": 2, "max_body_bytes": 4096,
           "request_timeout_s": 60}  # fmt: skip
 TEXTS = ["the old dog sleeps near the river", "a green sun", "she runs under the bridge"]
+# rank 2 < the sources' 4, so the merge orders differ; λ ≠ ½, so swapping λ shows
+RETRIEVAL = {"rank": 2, "top_k": 2, "lambda": 0.7, "tau": 0.2}
+POET = [("the day is long", "long is the day"), ("i see the sea", "the sea i see")]
 
 
 def _free_port() -> int:
@@ -44,18 +48,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def world(tiny_backbones, tmp_path_factory) -> dict:
-    """A tiny T5, a pool of 3 random adapters, and registered styles (one, "pirate", on
-    more modules than the others; one, "poet", with examples for retrieval)."""
+def world(tiny_backbones, featurizer, tmp_path_factory) -> dict:
+    """A tiny T5, a pool of 3 random rank-4 adapters with keys that make retrieval decisive
+    (`keyed_entries`), and registered styles (one, "pirate", on more modules than the
+    others; one, "poet", with examples for retrieval)."""
     root = tmp_path_factory.mktemp("serve")
     base = tiny_backbones["t5"]
-    rng = np.random.default_rng(0)
-    entries = []
-    for seed, name in enumerate(SOURCES, start=1):
-        adapter = save_random_lora(base, root / "sources" / name, seed=seed, rank=4)
-        key = TaskKey(rng.normal(size=384), rng.normal(size=384), n_examples=10)
-        entries.append(SourceEntry(name, adapter, key))
-    add_sources(root / "pool", entries, base_model=base)
+    adapters = {
+        name: save_random_lora(base, root / "sources" / name, seed=seed, rank=4)
+        for seed, name in enumerate(SOURCES, start=1)
+    }
+    add_sources(root / "pool", keyed_entries(featurizer, adapters), base_model=base)
     styles = {n: save_random_lora(base, root / n, seed=10 + r, rank=r) for n, r in STYLES.items()}
     torch.manual_seed(7)
     lora = LoraConfig(
@@ -64,14 +67,13 @@ def world(tiny_backbones, tmp_path_factory) -> dict:
     get_peft_model(load_backbone(base).model, lora).save_pretrained(str(root / "pirate"))
     styles["pirate"] = str(root / "pirate")
     examples = root / "poet.jsonl"
-    pairs = [("the day is long", "long is the day"), ("i see the sea", "the sea i see")]
-    examples.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
+    examples.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in POET))
     poet = save_random_lora(base, root / "poet", seed=20, rank=2)
     config = {
         "name": APP,
         "pool": str(root / "pool"),
         "styles": {**styles, "poet": {"adapter": poet, "examples": str(examples)}},
-        "retrieval": {"rank": 4, "top_k": 2},
+        "retrieval": RETRIEVAL,
         "limits": LIMITS,
         "batching": {"max_batch_rows": 16, "batch_wait_timeout_s": 0.5},
         "generator": {"num_replicas": 1, "num_cpus": 1, "max_adapters_per_replica": 2,
@@ -144,6 +146,65 @@ def test_instance_mode_with_a_style_query(client) -> None:
     assert weights[0] != weights[1] or weights[0] != weights[2]
 
 
+def _post_all(url: str, requests: list[dict]) -> list[dict]:
+    """Send requests concurrently (they share batches); every answer must be a 200."""
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as ac:
+            return await asyncio.gather(*(ac.post("/v1/restyle", json=r) for r in requests))
+
+    responses = asyncio.run(send_all())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return [r.json() for r in responses]
+
+
+def test_served_weights_follow_the_retrieval_formula(url, world, featurizer) -> None:
+    """The weights `twist serve` returns over HTTP, for instance and mixture modes, with no
+    style, a registered style (its key from its examples) and a pool source's style, equal
+    R_s computed here from the pool's keys (`retrieval_reference`): the server's λ with a
+    style, the instance level alone without one — as `retrieval_applied` says."""
+    pool = Pool.open(world["config"]["pool"])
+    queries = {
+        None: None,
+        "poet": shift_key(featurizer, [s for s, _ in POET], [t for _, t in POET]),
+        "src-b": pool.style_keys[pool.sources.index("src-b")],
+    }
+    requests = [{"texts": TEXTS, "mode": mode, "style": style, "max_new_tokens": 1}
+                for mode in ("instance", "mixture") for style in queries]  # fmt: skip
+    emb = featurizer.encode(TEXTS)
+    lam, tau, top_k = RETRIEVAL["lambda"], RETRIEVAL["tau"], RETRIEVAL["top_k"]
+    for request, out in zip(requests, _post_all(url, requests), strict=True):
+        style, instance = request["style"], request["mode"] == "instance"
+        got = as_matrix(pool, out["retrieval"])
+        check(pool, got, queries[style], emb, lam, tau, top_k)
+        applied = lam if style is not None else 0.0
+        assert out["retrieval_applied"] == {
+            "lambda": applied,
+            "levels": ["task", "instance"] if style is not None else ["instance"],
+            "tau": tau,
+            "top_k": top_k,
+            "rank": RETRIEVAL["rank"] if instance else None,
+            "merge_order": "sum_then_truncate" if instance else None,
+        }, request
+
+
+def test_merge_order_per_request(url, world, tmp_path) -> None:
+    """`merge_order` in a request overrides the server's (sum_then_truncate) for its rows:
+    each row equals PEFT with that row's adapter merged in that order, and the orders give
+    different outputs (rank 2 < the sources' 4)."""
+    orders = ["truncate_then_sum", "sum_then_truncate"]
+    requests = [{"texts": TEXTS, "mode": "instance", "style": "src-a", "merge_order": order}
+                for order in orders]  # fmt: skip
+    outs = _post_all(url, requests)
+    assert outs[0]["retrieval"] == outs[1]["retrieval"]  # the order is the merge's alone
+    for order, request, out in zip(orders, requests, outs, strict=True):
+        assert out["retrieval_applied"]["merge_order"] == order
+        for k, (text, weights) in enumerate(zip(TEXTS, out["retrieval"], strict=True)):
+            row = {**request, "texts": [text]}
+            assert out["outputs"][k] == _alone(world, row, weights, tmp_path / f"{order}{k}")
+    assert outs[0]["outputs"] != outs[1]["outputs"]
+
+
 def test_multiplexing_loads_and_evicts(client) -> None:
     """Two adapters fit per replica: a third evicts the least recently used."""
     for style in ("formal", "casual", "pirate"):
@@ -179,7 +240,8 @@ def _alone(world: dict, request: dict, weights: dict[str, float], tmp: Path) -> 
             pool.sources, [read_adapter(pool.adapter_dir(n)) for n in pool.sources]
         )
         method = "svd" if mode == "instance" else "linear"
-        [factors] = sources.merge([weights], rank=4, method=method)
+        order = request.get("merge_order", "sum_then_truncate")
+        [factors] = sources.merge([weights], RETRIEVAL["rank"], method, order)
         adapter = str(write_adapter(tmp, factors, sources.template))
     max_new = request.get("max_new_tokens", LIMITS["default_max_new_tokens"])
     return generate(_peft(world["base"], adapter), request["texts"], max_new_tokens=max_new)[0]
@@ -199,13 +261,7 @@ def test_one_batch_of_many_adapters_equals_rows_alone(client, url, world, tmp_pa
         {"texts": [TEXTS[1]], "style": "formal", "max_new_tokens": 4},
     ]
 
-    async def send_all() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=120) as ac:
-            return await asyncio.gather(*(ac.post("/v1/restyle", json=r) for r in requests))
-
-    responses = asyncio.run(send_all())
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-    outs = [r.json() for r in responses]
+    outs = _post_all(url, requests)
     biggest = max(o["timing"]["batch_requests"] for o in outs)
     assert biggest >= 4, [o["timing"] for o in outs]  # batched across adapters and modes
     for i, (request, out) in enumerate(zip(requests, outs, strict=True)):
@@ -240,6 +296,18 @@ BAD: list[tuple[str, object, int, str]] = [
         "style",
     ),  # fmt: skip
     ("unknown mode", {"texts": ["hi"], "style": "formal", "mode": "fast"}, 422, "mode"),
+    (
+        "merge_order outside instance mode",
+        {"texts": ["hi"], "mode": "mixture", "merge_order": "truncate_then_sum"},
+        422,
+        "merge_order",
+    ),  # fmt: skip
+    (
+        "unknown merge_order",
+        {"texts": ["hi"], "mode": "instance", "merge_order": "ties"},
+        422,
+        "merge_order",
+    ),  # fmt: skip
     (
         "max_new_tokens 0",
         {"texts": ["hi"], "style": "formal", "max_new_tokens": 0},

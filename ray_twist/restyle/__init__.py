@@ -24,6 +24,9 @@ Modes:
     instance  `pool=URI`: per row, instance retrieval over the pool (λ, τ, top-k) and the
               rank-q truncated SVD merge of the sources: the paper's per-sentence TWIST
     mixture   `pool=URI`: per row, the untruncated retrieval-weighted sum of the sources
+In pool modes `style` (a pool source) is every row's task-level query; without one, rows are
+retrieved at the instance level alone (λ applied as 0, `ray_twist.retrieval`), and
+`_summary.json` records what applied (`retrieval_applied`: λ, levels, τ, top-k, rank, order).
 Every mode runs `ray_twist.styler.Styler`, the code serving uses, loaded once per actor; a
 part's rows are retrieved and merged together and decoded `batch_size` rows per forward pass
 with per-row LoRA hooks (`ray_twist.lora.rows`). Other per-row stylers plug in through

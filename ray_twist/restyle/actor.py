@@ -19,7 +19,7 @@ from ray_twist import storage
 from ray_twist.backbone import Backbone, load_backbone
 from ray_twist.generation import GenerationSettings, encode
 from ray_twist.lora import Mode, RowAdapters, RowMode, apply_adapter
-from ray_twist.retrieval import InstanceRetrievalSettings
+from ray_twist.retrieval import InstanceRetrievalSettings, applied_retrieval
 from ray_twist.styler import Part, Styler, weight_dicts
 
 #: Texts of a batch → (per-row LoRA factors by module, per-row {source → weight}).
@@ -59,15 +59,29 @@ class RestyleJob:
     retrieval: InstanceRetrievalSettings | None = None
 
     def identity(self) -> dict[str, Any]:
-        """The settings an existing output must have been written with to be resumed."""
+        """The settings an existing output must have been written with to be resumed; its
+        retrieval λ is the λ applied (0 without a style), so an output written before
+        style-less rows were retrieved at the instance level alone is not resumed."""
         keep = ("input_uri", "base_model", "adapter", "mode", "style", "max_input_tokens",
                 "text_column", "id_column", "pool", "pool_generation")  # fmt: skip
-        retrieval = self.retrieval.model_dump() if self.retrieval is not None else None
+        retrieval, applied = None, self.applied()
+        if self.retrieval is not None and applied is not None:
+            retrieval = {**self.retrieval.model_dump(), "lam": applied["lambda"]}
         return {
             **{k: getattr(self, k) for k in keep},
             "retrieval": retrieval,
             "settings": asdict(self.settings),
         }
+
+    def applied(self) -> dict[str, Any] | None:
+        """Pool jobs: what every row's weights (and instance-mode merge) are computed with —
+        the applied λ and its levels, τ, top-k, and in instance mode rank and merge order."""
+        if self.retrieval is None or self.pool is None:
+            return None
+        out = applied_retrieval(self.retrieval, self.style is not None)
+        if self.mode == "instance":
+            out.update(rank=self.retrieval.rank, merge_order=self.retrieval.merge_order)
+        return out
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

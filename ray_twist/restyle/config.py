@@ -33,7 +33,8 @@ class RestyleCorpusConfig(Settings):
     style: str | None = Field(
         default=None,
         description="adapted: the label written with each row [adapter dir name]; with a "
-        "pool: a pool source whose style key is the task-level query [none: each sentence]",
+        "pool: a pool source whose style key is the task-level query [none: instance level only, "
+        "λ applied as 0]",
     )
     retrieval: InstanceRetrievalSettings | None = Field(
         default=None, description="λ, τ, top-k and rank q (pool modes only) [defaults]"

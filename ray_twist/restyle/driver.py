@@ -49,7 +49,13 @@ def _start_record(output_uri: str, job: RestyleJob) -> None:
                 f"{output_uri} was written with different settings ({', '.join(changed)}); "
                 "resume with the same settings or write to a new output"
             )
-    _write_json(summary_uri, {"status": "running", "job": current})
+    _write_json(summary_uri, {"status": "running", "job": current, **_applied(job)})
+
+
+def _applied(job: RestyleJob) -> dict[str, Any]:
+    """Pool jobs: {"retrieval_applied": λ applied (0 without a style), levels, ...}."""
+    applied = job.applied()
+    return {} if applied is None else {"retrieval_applied": applied}
 
 
 def _write_json(uri: str, record: dict[str, Any]) -> None:
@@ -159,9 +165,10 @@ def restyle_corpus(
     Styles: `adapter` (mode "adapted", the default without a pool; `adapter=None` restyles
     with the bare base model), or `pool` (mode "instance", the default with a pool, or
     "mixture"): per-row retrieval with `lam`, `tau`, `top_k` and a rank-`rank` merge in
-    `merge_order` (instance mode), the defaults of `InstanceRetrievalSettings` where not given; `style` then names a pool
-    source whose style key is every row's task-level query (None: each sentence is its own).
-    `base_model` defaults to the adapter's or the pool's.
+    `merge_order` (instance mode), the defaults of `InstanceRetrievalSettings` where not
+    given; `style` then names a pool source whose style key is every row's task-level query
+    (None: the instance level alone, λ applied as 0; the summary's `retrieval_applied` says
+    which). `base_model` defaults to the adapter's or the pool's.
 
     An autoscaling pool of `concurrency` = (min, max) actors, each with `num_cpus` and
     `num_gpus` (default: one GPU when the cluster has GPUs), takes `rows_per_part` rows per
@@ -228,6 +235,7 @@ def restyle_corpus(
         "worker_seconds": round(totals["seconds"], 3),
         "output": output_uri,
         "errors_output": storage.join(output_uri, ERRORS_DIR),
+        **_applied(job),
     }
     record = {"status": "complete", **summary, "job": job.identity(),
               "concurrency": list(concurrency), "batch_size": batch_size,

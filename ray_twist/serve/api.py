@@ -9,7 +9,7 @@ validators as pydantic validation context.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from ray_twist.lora.rows import Mode
+from ray_twist.merge import MergeOrder
 from ray_twist.serve.config import LimitSettings
 
 
@@ -85,13 +86,20 @@ class RestyleRequest(BaseModel):
     style: str | None = Field(
         default=None,
         description="adapted: the target adapter (a registered style or pool source); "
-        "instance/mixture: whose style key is the task-level query (null: each sentence "
-        "is its own query)",
+        "instance/mixture: whose style key is the task-level query (null: no task-level "
+        "query, each sentence is retrieved at the instance level alone, λ applied as 0; "
+        "the response's retrieval_applied says so)",
     )
     mode: Mode = Field(
         default="adapted",
         description="adapted: the named adapter; instance: per-sentence retrieval + rank-q "
         "SVD merge; mixture: per-sentence untruncated mixture of the pool's adapters",
+    )
+    merge_order: MergeOrder | None = Field(
+        default=None,
+        description="instance mode only: sum_then_truncate (top-q SVD of Σ R_s ΔW_s) or "
+        "truncate_then_sum (Σ R_s top-q SVD(ΔW_s)); one of the server's "
+        "limits.merge_orders [the server's retrieval.merge_order]",
     )
     max_new_tokens: int | None = Field(default=None, ge=1, description="default: server's")
     num_beams: int = Field(default=1, ge=1)
@@ -109,6 +117,21 @@ class RestyleRequest(BaseModel):
         if len(texts) > limit:
             raise ValueError(f"{len(texts)} texts; the limit is {limit} per request")
         return texts
+
+    @field_validator("merge_order")
+    @classmethod
+    def _order(cls, value: MergeOrder | None, info: ValidationInfo) -> MergeOrder | None:
+        if value is None:
+            return value
+        if info.data.get("mode") != "instance":
+            raise ValueError(
+                "merge_order applies to instance mode only (mixture does not truncate; "
+                "adapted runs its named adapter)"
+            )
+        allowed = _limits(info).merge_orders
+        if value not in allowed:
+            raise ValueError(f"{value} is not enabled on this server (merge orders: {allowed})")
+        return value
 
     @field_validator("max_new_tokens", "num_beams", "temperature", "timeout_s")
     @classmethod
@@ -141,10 +164,29 @@ class Timing(BaseModel):
     batch_styles: int = Field(description="distinct adapters/mixtures among the batch's rows")
 
 
+class RetrievalApplied(BaseModel):
+    """How a pool-mode request's weights (and instance-mode merges) were computed."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    lam: float = Field(
+        alias="lambda",
+        description="λ applied: the server's with a style; 0 (instance level only) without",
+    )
+    levels: list[Literal["task", "instance"]] = Field(description="the levels λ uses")
+    tau: float
+    top_k: int | None
+    rank: int | None = Field(description="instance mode: rank q of each row's merge")
+    merge_order: MergeOrder | None = Field(description="instance mode: the order applied")
+
+
 class RestyleResponse(BaseModel):
     outputs: list[str]
     retrieval: list[dict[str, float]] = Field(
         description="per text: source (or adapter) → weight used; nonzero weights only"
+    )
+    retrieval_applied: RetrievalApplied | None = Field(
+        description="instance/mixture: λ, levels, τ, top-k (and rank, merge order) applied"
     )
     mode: Mode
     style: str | None

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ray_twist.backbone import AllowUntrainedBase
+from ray_twist.merge import MERGE_ORDERS, MergeOrder
 from ray_twist.pool import validate_name
 from ray_twist.retrieval import InstanceRetrievalSettings
 from ray_twist.settings import Settings
@@ -39,6 +40,12 @@ class LimitSettings(Settings):
     max_temperature: float = Field(default=10.0, gt=0.0)
     max_body_bytes: int = Field(default=1 << 20, ge=64)
     request_timeout_s: float = Field(default=60.0, gt=0.0, description="504 after this long")
+    merge_orders: list[MergeOrder] = Field(
+        default_factory=lambda: list(MERGE_ORDERS),
+        min_length=1,
+        description="merge orders an instance-mode request may ask for (`merge_order`); each "
+        "is prepared when a replica starts (truncate_then_sum: every source's top-q SVD)",
+    )
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> LimitSettings:
@@ -167,6 +174,11 @@ class ServeConfig(Settings):
     def _consistent(self) -> ServeConfig:
         if self.pool is None and self.base_model is None:
             raise ValueError("give a pool, a base_model, or both")
+        if self.retrieval.merge_order not in self.limits.merge_orders:
+            raise ValueError(
+                f"retrieval.merge_order {self.retrieval.merge_order} is not in "
+                f"limits.merge_orders {self.limits.merge_orders}"
+            )
         if self.pool is None and not self.styles:
             raise ValueError("without a pool, register at least one style (styles: {name: DIR})")
         if self.batching.max_batch_rows < self.limits.max_texts:

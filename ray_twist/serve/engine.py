@@ -35,7 +35,16 @@ from ray_twist.generation import GenerationSettings, encode
 from ray_twist.lora import MODES, Mode, read_adapter
 from ray_twist.merge import ModuleFactors
 from ray_twist.pool import Pool, PoolGenerationGoneError
-from ray_twist.serve.api import ApiError, InputError, RestyleRequest, RestyleResponse, Timing, Usage
+from ray_twist.retrieval import applied_retrieval
+from ray_twist.serve.api import (
+    ApiError,
+    InputError,
+    RestyleRequest,
+    RestyleResponse,
+    RetrievalApplied,
+    Timing,
+    Usage,
+)
 from ray_twist.serve.config import ServeConfig
 from ray_twist.styler import Part, Styler, weight_dicts
 
@@ -150,7 +159,7 @@ class Engine:
     def _styler(self, pool: Pool | None) -> Styler:
         return Styler(
             self.backbone, pool, self.config.retrieval, self.device, self._featurizer,
-            style_keys=self._keys,
+            style_keys=self._keys, merge_orders=self.config.limits.merge_orders,
         )  # fmt: skip
 
     def reload_pool(self, gone: int) -> None:
@@ -215,9 +224,10 @@ class Engine:
     def run(self, works: list[Work]) -> list[RestyleResponse]:
         """Restyle a batch: one retrieval pass, one merge pass, one forward pass per group."""
         parts = [
-            Part(w.request.texts, w.ids, w.request.mode, w.settings, w.request.style, w.adapter)
+            Part(w.request.texts, w.ids, w.request.mode, w.settings, w.request.style, w.adapter,
+                 merge_order=w.request.merge_order)
             for w in works
-        ]
+        ]  # fmt: skip
         with self._lock:  # one generation's styler for the whole batch, even across a reload
             names = self.styler.names
             styled, stages = self.styler.run(parts)
@@ -243,10 +253,12 @@ class Engine:
         names: list[str],
         timing: Timing,
     ) -> RestyleResponse:
+        applied = None
         if weights is None:
             retrieval = [{work.request.style or "": 1.0} for _ in texts]
         else:
             retrieval = weight_dicts(names, weights)
+            applied = self._applied(work)
         decoded = self.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]
         usage = Usage(
             input_tokens=sum(len(row) for row in work.ids),
@@ -255,8 +267,21 @@ class Engine:
         return RestyleResponse(
             outputs=texts,
             retrieval=retrieval,
+            retrieval_applied=applied,
             mode=work.request.mode,
             style=work.request.style,
             usage=usage,
             timing=timing,
+        )
+
+    def _applied(self, work: Work) -> RetrievalApplied:
+        """What a pool-mode request's weights and merges were computed with."""
+        settings, request = self.styler.settings, work.request
+        instance = request.mode == "instance"
+        return RetrievalApplied.model_validate(
+            {
+                **applied_retrieval(settings, request.style is not None),
+                "rank": settings.rank if instance else None,
+                "merge_order": (request.merge_order or settings.merge_order) if instance else None,
+            }
         )
