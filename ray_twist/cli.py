@@ -104,9 +104,10 @@ def cmd_pool_add(args: argparse.Namespace) -> int:
     from ray_twist.data.readers import read_corpus
     from ray_twist.features import Featurizer, task_key
     from ray_twist.lora import read_adapter
-    from ray_twist.pool import SourceEntry, add_sources
+    from ray_twist.pool import SourceEntry, add_sources, validate_name
 
-    adapter = read_adapter(args.adapter)  # validates the dir before any featurizing
+    validate_name(args.name)  # the name, the adapter and the corpus before any featurizing
+    adapter = read_adapter(args.adapter)
     base_model = args.base_model or adapter.config.get("base_model_name_or_path")
     if not base_model:
         print("error: the adapter names no base model; pass --base-model", file=sys.stderr)
