@@ -202,6 +202,33 @@ def test_mixed_per_row_factors_equal_the_merge(mode, order, mixed, mixed_pool) -
                 assert rel(got[r], ref) < 1e-5, (module, r)
 
 
+def test_mixed_rows_hooked_into_the_model_equal_peft_with_the_merged_adapter(
+    mixed, mixed_pool, tmp_path
+) -> None:
+    """What serving and bulk restyling run: the plain model with per-row LoRA hooks, rows of
+    different mixed-pool merges in one batch, gives each row the logits PEFT gives with
+    that row's merged adapter written and reloaded."""
+    base, _, _ = mixed
+    rows_w = [WEIGHTS, {"regex": 1.0, "plain": -0.5}]
+    sources = pool_merge_sources(mixed_pool)
+    rows = sources.rows(rows_w, "instance", 3)
+    model = load_backbone(base).model.eval()
+    ids = torch.randint(5, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    dec = torch.randint(5, 100, (2, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(input_ids=ids, decoder_input_ids=dec).logits
+        with rows.hooked(model, slice(0, 2)):
+            hooked = model(input_ids=ids, decoder_input_ids=dec).logits
+    assert (hooked - plain).abs().amax() > 1e-2  # the adapters do change the logits
+    for r, weights in enumerate(rows_w):
+        [merged] = sources.merge([weights], 3)
+        out = write_adapter(tmp_path / f"row{r}", merged, sources.template)
+        peft = PeftModel.from_pretrained(load_backbone(base).model, str(out)).eval()
+        with torch.no_grad():
+            ref = peft(input_ids=ids[r : r + 1], decoder_input_ids=dec[r : r + 1]).logits
+        torch.testing.assert_close(hooked[r : r + 1], ref, rtol=1e-4, atol=1e-5)
+
+
 def test_format_1_pool_still_opens_merges_and_grows(mixed, tmp_path) -> None:
     """A pool written before per-source layouts (format 1, one pool-level "lora") opens and
     merges as before, and a mixed adapter can join it: the new manifest is format 2."""
