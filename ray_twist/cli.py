@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--pool", required=True, help="pool URI (path, file://, s3://, gs://)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=cmd_pool_show)
-    add = pool_sub.add_parser("add", help="add an existing PEFT LoRA adapter as a source")
+    add = pool_sub.add_parser("add", help="add a PEFT LoRA adapter (any r, alpha, targets; "
+                              "trained on the pool's base model) as a source")  # fmt: skip
     add.add_argument("--pool", required=True, help="pool URI (created if missing)")
     add.add_argument("--adapter", required=True, help="PEFT adapter directory")
     add.add_argument("--corpus", required=True,

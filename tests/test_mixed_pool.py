@@ -321,6 +321,7 @@ def refused(tiny_backbones, tmp_path_factory) -> dict[str, Path]:
         ("embedding", "x", r"embedding.*embedding LoRA.*lora_embedding_A"),
         ("conv", "x", r"conv.*conv LoRA.*lora_A\.weight is 4-D"),
         ("other_base", "x", r"base model config hash mismatch.*other_base.*the pool's base"),
+        ("other_base_named", "x", r"other_base/adapter_config\.json names base_model_name_or_path"),
         ("truncated", "x", r"truncated/adapter_model\.safetensors: not a readable safetensors"),
         ("no_config", "x", r"no_config: no adapter_config\.json"),
         ("good", "../evil", r"invalid source name '\.\./evil'"),
@@ -339,10 +340,12 @@ def test_pool_add_refuses_and_leaves_the_pool_intact(
     if case == "empty_corpus":
         corpus = refused[case]
     elif case != "good":
-        adapter = refused[case]
+        adapter = refused[case.removesuffix("_named")]
+    # "other_base_named": the adapter names its GPT-2 base, the user says the pool's T5
+    override = ["--base-model", base] if case == "other_base_named" else []
     capsys.readouterr()
     code = main(["pool", "add", "--pool", str(pool), "--adapter", str(adapter),
-                 "--corpus", str(corpus), "--name", name])  # fmt: skip
+                 "--corpus", str(corpus), "--name", name, *override])  # fmt: skip
     assert code == 2
     [error] = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
     assert re.search(message, error), error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,8 +180,6 @@ def test_bad_names_refused(bad, adapters, tiny_backbones, tmp_path) -> None:
 
 
 def test_pickle_files_refused(adapters, tiny_backbones, tmp_path) -> None:
-    import shutil
-
     bad = tmp_path / "bad"
     shutil.copytree(adapters["a"], bad)
     (bad / "adapter_model.bin").write_bytes(b"pickle")
@@ -193,8 +192,16 @@ def test_mismatches_refused(adapters, tiny_backbones, tmp_path) -> None:
     add_sources(uri, entries(adapters, "a"), tiny_backbones["t5"])
     with pytest.raises(PoolMismatchError, match="base model"):
         add_sources(uri, entries(adapters, "gpt2"), tiny_backbones["gpt2"])
-    with pytest.raises(PoolMismatchError, match="fan_in_fan_out"):  # a Conv1D model's layout
+    with pytest.raises(PoolMismatchError, match="gpt2/adapter_config.json names base_model"):
         add_sources(uri, entries(adapters, "gpt2"), tiny_backbones["t5"])
+    anonymous = tmp_path / "gpt2"  # an adapter that names no base: its layer layout differs
+    shutil.copytree(adapters["gpt2"], anonymous)
+    config = json.loads((anonymous / "adapter_config.json").read_text())
+    (anonymous / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": None})
+    )
+    with pytest.raises(PoolMismatchError, match="fan_in_fan_out"):
+        add_sources(uri, [SourceEntry("g", anonymous, key(0))], tiny_backbones["t5"])
     with pytest.raises(PoolMismatchError, match="featurizer"):
         add_sources(uri, entries(adapters, "b"), tiny_backbones["t5"], featurizer="other")
     assert Pool.open(uri).generation == 1

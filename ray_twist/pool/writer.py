@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from ray_twist import storage
-from ray_twist.backbone import PACKAGED_MINILM, config_hash
+from ray_twist.backbone import PACKAGED_MINILM, BackboneNotFoundError, config_hash
 from ray_twist.lora.peft_io import load_weights, read_config
 from ray_twist.pool.clustering import cluster_keys
 from ray_twist.pool.format import (
@@ -54,6 +54,25 @@ class _Prepared:
     hashes: dict[str, str]
     dir: str  # sources/<name>/<digest of the file hashes>
     lora: dict[str, Any]
+    declared_base: str | None  # the adapter's base_model_name_or_path
+
+
+def _check_declared_base(p: _Prepared, base_model: str, base_hash: str) -> None:
+    """Refuse an adapter whose own config names a base of another config hash than
+    `base_model` (when that base can be found here; a Hub id not in the offline cache can't
+    be checked and is let through)."""
+    if not p.declared_base:
+        return
+    try:
+        declared_hash = config_hash(p.declared_base)
+    except BackboneNotFoundError:
+        return
+    if declared_hash != base_hash:
+        raise PoolMismatchError(
+            f"base model mismatch: {Path(p.entry.adapter_dir) / ADAPTER_CONFIG} names "
+            f"base_model_name_or_path {p.declared_base!r} (config hash {declared_hash}), not "
+            f"{base_model!r} (config hash {base_hash}); its LoRA was trained on another model"
+        )
 
 
 def _prepare(entry: SourceEntry) -> _Prepared:
@@ -80,7 +99,8 @@ def _prepare(entry: SourceEntry) -> _Prepared:
     lora = _lora_layout(config, tensors, where)
     hashes = {rel: _sha256(data) for rel, data in files.items()}
     digest = _sha256(json.dumps(hashes, sort_keys=True).encode())[:16]
-    return _Prepared(entry, files, hashes, f"sources/{entry.name}/{digest}", lora)
+    declared = config.get("base_model_name_or_path")
+    return _Prepared(entry, files, hashes, f"sources/{entry.name}/{digest}", lora, declared)
 
 
 def _check_same(what: str, ours: Any, theirs: Any, context: str, other: str = "the pool") -> None:
@@ -159,6 +179,8 @@ def add_sources(
     if len(dims) != 1:
         raise ValueError(f"entries have keys of different dimensions: {sorted(dims)}")
     base_hash = config_hash(base_model)
+    for p in prepared:
+        _check_declared_base(p, base_model, base_hash)
     manifest_uri = storage.join(uri, MANIFEST)
     previous = Pool.open(uri) if storage.exists(manifest_uri) else None
     keys: dict[str, tuple[np.ndarray, np.ndarray]] = {}
