@@ -104,9 +104,10 @@ def cmd_pool_add(args: argparse.Namespace) -> int:
     from ray_twist.data.readers import read_corpus
     from ray_twist.features import Featurizer, task_key
     from ray_twist.lora import read_adapter
-    from ray_twist.pool import SourceEntry, add_sources
+    from ray_twist.pool import SourceEntry, add_sources, validate_name
 
-    adapter = read_adapter(args.adapter)  # validates the dir before any featurizing
+    validate_name(args.name)  # the name, the adapter and the corpus before any featurizing
+    adapter = read_adapter(args.adapter)
     base_model = args.base_model or adapter.config.get("base_model_name_or_path")
     if not base_model:
         print("error: the adapter names no base model; pass --base-model", file=sys.stderr)
@@ -314,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--pool", required=True, help="pool URI (path, file://, s3://, gs://)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=cmd_pool_show)
-    add = pool_sub.add_parser("add", help="add an existing PEFT LoRA adapter as a source")
+    add = pool_sub.add_parser("add", help="add a PEFT LoRA adapter (any r, alpha, targets; "
+                              "trained on the pool's base model) as a source")  # fmt: skip
     add.add_argument("--pool", required=True, help="pool URI (created if missing)")
     add.add_argument("--adapter", required=True, help="PEFT adapter directory")
     add.add_argument("--corpus", required=True,

@@ -231,7 +231,7 @@ def test_builds_train_only_new_or_changed_sources(
     assert report.trained == [] and len(report.skipped) == 4 and not report.committed
     assert Pool.open(first.pool).generation == 1 and len(run_dirs(tmp_path)) == 4
     # what the pool would refuse after training is refused before it
-    for key, change in [("lora", {"r": 4}), ("featurizer", {"model": "/models/other"})]:
+    for key, change in [("featurizer", {"model": "/models/other"})]:  # any LoRA layout fits
         sources = first.model_dump()["sources"]
         with pytest.raises(PoolMismatchError, match=f"{key}.*build into a new pool"):
             build_pool(config(tmp_path, sources, **{key: change}), progress=False)

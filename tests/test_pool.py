@@ -85,7 +85,8 @@ def test_round_trip_local(adapters, tiny_backbones, tmp_path) -> None:
     pool = Pool.open(uri)
     assert pool.generation == written.generation == 1
     assert pool.sources == ["a", "b"] and pool.base_model == tiny_backbones["t5"]
-    assert pool.lora_config["r"] == 4 and pool.lora_config["target_modules"] == ["q", "v"]
+    assert pool.lora_config == {"fan_in_fan_out": False, "target_modules": ["q", "v"]}
+    assert pool.source_layout("a")["r"] == 4 and pool.source_layout("a")["lora_alpha"] == 8
     assert pool.manifest["sources"]["a"]["metrics"] == {"bleu": 0.5}
     np.testing.assert_allclose(pool.style_keys[1], key(0).style_key, atol=1e-6)  # "b" got seed 0
     np.testing.assert_allclose(pool.input_keys[0], key(1).input_key, atol=1e-6)
@@ -351,13 +352,21 @@ def test_mismatches_refused(adapters, tiny_backbones, tmp_path) -> None:
     add_sources(uri, entries(adapters, "a"), tiny_backbones["t5"])
     with pytest.raises(PoolMismatchError, match="base model"):
         add_sources(uri, entries(adapters, "gpt2"), tiny_backbones["gpt2"])
-    with pytest.raises(PoolMismatchError, match="LoRA layout"):
-        add_sources(uri, entries(adapters, "q_only"), tiny_backbones["t5"])
-    with pytest.raises(PoolMismatchError, match="LoRA layout"):
-        add_sources(tmp_path / "other", entries(adapters, "a", "q_only"), tiny_backbones["t5"])
+    with pytest.raises(PoolMismatchError, match="gpt2/adapter_config.json names base_model"):
+        add_sources(uri, entries(adapters, "gpt2"), tiny_backbones["t5"])
+    anonymous = tmp_path / "gpt2"  # an adapter that names no base: its layer layout differs
+    shutil.copytree(adapters["gpt2"], anonymous)
+    config = json.loads((anonymous / "adapter_config.json").read_text())
+    (anonymous / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": None})
+    )
+    with pytest.raises(PoolMismatchError, match="fan_in_fan_out"):
+        add_sources(uri, [SourceEntry("g", anonymous, key(0))], tiny_backbones["t5"])
     with pytest.raises(PoolMismatchError, match="featurizer"):
         add_sources(uri, entries(adapters, "b"), tiny_backbones["t5"], featurizer="other")
     assert Pool.open(uri).generation == 1
+    # other target modules are no mismatch: heterogeneous pools (tests/test_mixed_pool.py)
+    assert add_sources(uri, entries(adapters, "q_only"), tiny_backbones["t5"]).generation == 2
 
 
 @pytest.fixture

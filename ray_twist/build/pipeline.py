@@ -37,7 +37,6 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray
 from rich.console import Console
-from transformers import AutoConfig
 
 from ray_twist import storage
 from ray_twist.backbone import (
@@ -45,8 +44,6 @@ from ray_twist.backbone import (
     build_tiny_backbone,
     check_trained_base,
     config_hash,
-    default_lora_targets,
-    resolve_model_path,
 )
 from ray_twist.build.config import BaseModelSettings, BuildPoolConfig, SourceSettings
 from ray_twist.build.progress import expected_steps, show_progress
@@ -137,25 +134,12 @@ def _is_current(entry: dict[str, Any], data_hash: str, train_hash: str) -> bool:
 
 
 def _check_pool_fits(previous: Pool, base_model: str, config: BuildPoolConfig) -> None:
-    """Refuse before training what `add_sources` would refuse after it."""
+    """Refuse before training what `add_sources` would refuse after it (a pool takes sources
+    of any LoRA layout, so only the base model and the featurizer must match)."""
     if previous.base_config_hash != config_hash(base_model):
         raise PoolMismatchError(
             f"base_model: {base_model!r} is not the base model of the pool at {previous.uri} "
             f"({previous.base_model!r}); build into a new pool"
-        )
-    targets = config.lora.target_modules or default_lora_targets(
-        AutoConfig.from_pretrained(resolve_model_path(base_model))
-    )
-    ours = {
-        "r": config.lora.r,
-        "lora_alpha": float(config.lora.alpha),
-        "target_modules": sorted(targets),
-    }
-    theirs = {k: previous.lora_config[k] for k in ours}
-    if ours != theirs:
-        raise PoolMismatchError(
-            f"lora: the pool at {previous.uri} holds adapters with {theirs}, this config "
-            f"trains {ours}; build into a new pool"
         )
     if previous.featurizer != config.featurizer.model:
         raise PoolMismatchError(

@@ -11,8 +11,11 @@ from ray_twist.lora.peft_io import (
     AdapterFactors,
     AdapterFormatError,
     apply_adapter,
+    check_lora,
+    load_weights,
     lora_factors,
     read_adapter,
+    read_config,
     write_adapter,
 )
 from ray_twist.lora.rows import (
@@ -41,10 +44,13 @@ __all__ = [
     "RowLoRA",
     "adapter_rows",
     "apply_adapter",
+    "check_lora",
     "concat_rows",
+    "load_weights",
     "lora_factors",
     "per_row_factors",
     "read_adapter",
+    "read_config",
     "row_lora",
     "write_adapter",
 ]

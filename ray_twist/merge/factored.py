@@ -165,9 +165,12 @@ def column_weights(weights: Tensor, ranks: tuple[int, ...]) -> Tensor:
 def truncate_factors(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """One source's top-`rank` SVD of B·A as balanced factors (A' = S^½ Vᵀ, B' = U S^½), in
     float64, without the dense d_out×d_in product: QR of B and Aᵀ, SVD of the r×r core.
-    Exactly min(rank, r) columns (zero-padded where B·A has fewer directions)."""
+    Exactly min(rank, r) columns (zero-padded where B·A has fewer directions; none for a
+    rank-0 block, a source without the module)."""
     keep = min(rank, int(a.shape[0]))
     a, b = a.double(), b.double()
+    if keep == 0:
+        return a, b
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.T)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)

@@ -9,6 +9,10 @@ factors of each module's stack (`sum_then_truncate`), each source's own top-q SV
 (`truncate_then_sum`, per q) and the concatenated factors of untruncated mixtures are
 computed on first use (or by `prepare`) and kept: every target merged from the same sources
 (a pool generation) reuses them.
+
+Sources may differ in rank (per module, too) and in the modules they train: the merge covers
+the union of their modules, and a source without a module stands in it as a rank-0 block
+(A (0, d_in), B (d_out, 0)): no columns in any stack, so it contributes exactly zero.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ ModuleFactors = dict[str, tuple[Tensor, Tensor]]
 
 
 class MergeSources:
-    """Source adapters sharing one base model and target modules, in a fixed order."""
+    """Source adapters of one base model, in a fixed order; their modules may differ."""
 
     def __init__(
         self,
@@ -45,17 +49,22 @@ class MergeSources:
     ) -> None:
         if len(names) != len(adapters) or not names:
             raise ValueError("need one name per adapter and at least one adapter")
-        modules = set(adapters[0].modules)
+        # module → its rank-0 block (A (0, d_in), B (d_out, 0)), for sources without it
+        self._blank: dict[str, tuple[Tensor, Tensor]] = {}
         for name, adapter in zip(names, adapters, strict=True):
-            if set(adapter.modules) != modules:
-                diff = sorted(set(adapter.modules) ^ modules)[:3]
-                raise ValueError(
-                    f"source {name!r} has different LoRA modules than {names[0]!r} "
-                    f"(e.g. {diff}); all sources must share target modules"
+            for module, (a, b) in adapter.modules.items():
+                blank = self._blank.setdefault(
+                    module, (a.new_zeros(0, a.shape[1]), b.new_zeros(b.shape[0], 0))
                 )
+                if (blank[1].shape[0], blank[0].shape[1]) != (b.shape[0], a.shape[1]):
+                    raise ValueError(
+                        f"source {name!r}: module {module} has a {b.shape[0]}x{a.shape[1]} "
+                        f"delta, an earlier source {blank[1].shape[0]}x{blank[0].shape[1]}; "
+                        "adapters of different base models cannot be merged"
+                    )
         self.names = list(names)
         self.adapters = adapters
-        self.modules = sorted(modules)
+        self.modules = sorted(self._blank)
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
         self._stacks: dict[str, FactorStack] = {}
@@ -68,7 +77,8 @@ class MergeSources:
         return self.adapters[0].config
 
     def factors(self, module: str) -> tuple[list[Tensor], list[Tensor]]:
-        pairs = [adapter.modules[module] for adapter in self.adapters]
+        """Each source's (A_s, B_s) at `module`, rank-0 blocks for sources without it."""
+        pairs = [adapter.modules.get(module, self._blank[module]) for adapter in self.adapters]
         return [a for a, _ in pairs], [b for _, b in pairs]
 
     def stack(self, module: str) -> FactorStack:

@@ -29,8 +29,10 @@ itself); `Pool.open(uri, generation=N)` reopens a still-kept older generation.
 
 Readers read only what `pool.json` names and check each file's sha256
 (`PoolCorruptError` names the file). Only safetensors weights are accepted. All sources
-share one base model (config hash), one LoRA layout and one featurizer
-(`PoolMismatchError`). Keys: `key` is the style key (clustering, task-level retrieval),
+share one base model (config hash) and one featurizer (`PoolMismatchError`); their LoRA
+layouts may differ (r, α, rsLoRA, rank/alpha patterns, target modules: each source's is
+recorded in the manifest and its own scaling folded in when its factors are read), but not
+what cannot be merged as ΔW = B·A on linear layers (DoRA, embedding or conv LoRA: refused). Keys: `key` is the style key (clustering, task-level retrieval),
 `input_key` the input key (instance-level retrieval); see `ray_twist.features`.
 """
 

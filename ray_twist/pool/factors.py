@@ -19,8 +19,13 @@ def pool_merge_sources(
     """The pool's sources as a MergeSources, cached per pool generation (QR factors included)."""
     cache_key = (pool.uri, pool.generation, str(device), str(dtype))
     if cache_key not in _SOURCES_CACHE:
-        template = {**pool.lora_config, "base_model_name_or_path": pool.base_model}
-        adapters = [AdapterFactors(template, pool.load_factors(name)) for name in pool.sources]
+        adapters = [
+            AdapterFactors(
+                {**pool.source_config(name), "base_model_name_or_path": pool.base_model},
+                pool.load_factors(name),
+            )
+            for name in pool.sources
+        ]
         _SOURCES_CACHE.clear()  # one pool generation at a time keeps memory bounded
         _SOURCES_CACHE[cache_key] = MergeSources(pool.sources, adapters, device, dtype)
     return _SOURCES_CACHE[cache_key]

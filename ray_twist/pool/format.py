@@ -11,10 +11,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from torch import Tensor
 
 from ray_twist import storage
+from ray_twist.lora.peft_io import AdapterFormatError, check_lora
 
-FORMAT_VERSION = 2  # 2: per-generation manifests, content-named keys/clusters files
+#: 2: per-generation manifests (`manifests/g<N>.json`, the commit point), content-named keys and
+#: clusters files, and each source's own LoRA layout (`_lora_layout`; sources may differ in r,
+#: α, rsLoRA, patterns and target modules) with the pool-level "lora" holding only what they
+#: share (fan_in_fan_out) and the union of their module names. 1: one manifest `pool.json`,
+#: generation-named files and one layout for every source in the pool-level "lora"; still read.
+FORMAT_VERSION = 2
 MANIFEST = "pool.json"
 MANIFESTS = "manifests"
 KEEP_GENERATIONS = 3
@@ -25,7 +32,7 @@ _DIGEST_RE = re.compile(r"^[0-9a-f]{16}$")
 _GENERATION_FILE_RE = re.compile(r"^(keys|clusters)\.g\d{6}(\.[0-9a-f]{16})?\.parquet$")
 _MANIFEST_FILE_RE = re.compile(r"^g(\d{6,})\.json$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
-_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+_A_SUFFIX = ".lora_A.weight"
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +89,27 @@ def _check_relpath(rel: str) -> str:
     return rel
 
 
-def _lora_layout(cfg: dict[str, Any], where: str) -> dict[str, Any]:
-    """The LoRA fields a pool pins, from an adapter_config.json; refuse what TWIST can't merge."""
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{where}: DoRA and per-module rank/alpha patterns are not supported")
-    targets = cfg.get("target_modules")
-    return {
-        "r": int(cfg["r"]),
-        "lora_alpha": float(cfg["lora_alpha"]),
-        "target_modules": sorted(targets) if isinstance(targets, list | tuple) else targets,
-        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out", False)),
-        "use_rslora": bool(cfg.get("use_rslora", False)),
-    }
+def _lora_layout(cfg: dict[str, Any], tensors: dict[str, Tensor], where: str) -> dict[str, Any]:
+    """A source's LoRA layout, as the manifest records it, from its adapter_config.json and
+    weights; refuses (naming `where`) what TWIST can't merge (`check_lora`). Sources may
+    differ in all of it except fan_in_fan_out, which the base model's layer type decides."""
+    check_lora(cfg, tensors, where)
+    try:
+        targets = cfg.get("target_modules")
+        return {
+            "r": int(cfg["r"]),
+            "lora_alpha": float(cfg["lora_alpha"]),
+            "use_rslora": bool(cfg.get("use_rslora", False)),
+            "rank_pattern": dict(cfg.get("rank_pattern") or {}),
+            "alpha_pattern": dict(cfg.get("alpha_pattern") or {}),
+            "target_modules": sorted(targets) if isinstance(targets, list | tuple) else targets,
+            "fan_in_fan_out": bool(cfg.get("fan_in_fan_out", False)),
+            "module_names": sorted(
+                {k[: -len(_A_SUFFIX)].rsplit(".", 1)[-1] for k in tensors if k.endswith(_A_SUFFIX)}
+            ),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterFormatError(f"{where}: {ADAPTER_CONFIG} field {exc} missing or bad") from None
 
 
 def _json_default(obj: Any) -> Any:
@@ -147,6 +161,8 @@ def _check_manifest(manifest: dict[str, Any], where: str) -> None:
                 _check_relpath(rel)
             if not {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= set(entry["files"]):
                 raise ValueError(f"source {name!r}: adapter config or weights missing")
+            if version >= 2 and not isinstance(entry["lora"], dict):
+                raise ValueError(f"source {name!r}: no LoRA layout")
         for kind in ("keys", "clusters"):
             if not _GENERATION_FILE_RE.match(manifest["files"][kind]["path"]):
                 raise ValueError(f"bad {kind} file name")

@@ -20,18 +20,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
-from safetensors.torch import load as load_safetensors
 
 from ray_twist import storage
-from ray_twist.lora.peft_io import lora_factors
+from ray_twist.lora.peft_io import load_weights, lora_factors, read_config
 from ray_twist.pool.format import (
     _MANIFEST_FILE_RE,
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MANIFEST,
     MANIFESTS,
     PoolCorruptError,
     PoolGenerationGoneError,
     _check_manifest,
+    _lora_layout,
     _read_table,
     _read_verified,
     _sha256,
@@ -153,8 +154,24 @@ class Pool:
 
     @property
     def lora_config(self) -> dict[str, Any]:
-        """r, lora_alpha, target_modules, fan_in_fan_out, use_rslora shared by all sources."""
+        """What the sources share: fan_in_fan_out, and target_modules, the union of the names
+        of the modules they train (format 1 pools: the one layout of every source, with its
+        r, lora_alpha and use_rslora). Each source's own layout: `source_layout`."""
         return dict(self._manifest["lora"])
+
+    def source_layout(self, name: str) -> dict[str, Any]:
+        """Source `name`'s LoRA layout: r, lora_alpha, use_rslora, rank/alpha patterns,
+        target_modules, fan_in_fan_out and module_names (format 1 pools: read from its files)."""
+        layout = self._entry(name).get("lora")
+        if layout is None:
+            weights = load_weights(self._read_source_file(name, ADAPTER_WEIGHTS), name)
+            layout = _lora_layout(self.source_config(name), weights, f"source {name!r}")
+        return dict(layout)
+
+    def source_config(self, name: str) -> dict[str, Any]:
+        """Source `name`'s own adapter_config.json (verified): its scaling is read from it."""
+        data = self._read_source_file(name, ADAPTER_CONFIG)
+        return read_config(data, f"{self._entry(name)['dir']}/{ADAPTER_CONFIG}")
 
     @property
     def featurizer(self) -> str:
@@ -250,13 +267,15 @@ class Pool:
         return str(target)
 
     def load_factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """PEFT module path → (A (r×d_in), B (d_out×r)) with ΔW = B·A, scaling folded into B.
+        """PEFT module path → (A (r×d_in), B (d_out×r)) with ΔW = B·A, the source's own
+        scaling (its r, α, rsLoRA and patterns, per module) folded into B.
 
         Factors are in nn.Linear orientation even for fan_in_fan_out (GPT-2 Conv1D) modules,
         whose stored weight is ΔWᵀ.
         """
-        tensors = load_safetensors(self._read_source_file(name, ADAPTER_WEIGHTS))
-        return lora_factors(tensors, self.lora_config, f"source {name!r}")
+        where = f"{self._entry(name)['dir']}/{ADAPTER_WEIGHTS}"
+        tensors = load_weights(self._read_source_file(name, ADAPTER_WEIGHTS), where)
+        return lora_factors(tensors, self.source_config(name), f"source {name!r}")
 
 
 def _local_copy_ok(path: Path, files: dict[str, str]) -> bool:

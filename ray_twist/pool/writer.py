@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-from safetensors import safe_open
 
 from ray_twist import storage
-from ray_twist.backbone import PACKAGED_MINILM, config_hash
+from ray_twist.backbone import PACKAGED_MINILM, BackboneNotFoundError, config_hash
+from ray_twist.lora.peft_io import load_weights, read_config
 from ray_twist.pool.clustering import cluster_keys
 from ray_twist.pool.format import (
     _GENERATION_FILE_RE,
-    _LORA_SUFFIXES,
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     FORMAT_VERSION,
@@ -70,15 +69,37 @@ class _Prepared:
     hashes: dict[str, str]
     dir: str  # sources/<name>/<digest of the file hashes>
     lora: dict[str, Any]
+    declared_base: str | None  # the adapter's base_model_name_or_path
+
+
+def _check_declared_base(p: _Prepared, base_model: str, base_hash: str) -> None:
+    """Refuse an adapter whose own config names a base of another config hash than
+    `base_model` (when that base can be found here; a Hub id not in the offline cache can't
+    be checked and is let through)."""
+    if not p.declared_base:
+        return
+    try:
+        declared_hash = config_hash(p.declared_base)
+    except BackboneNotFoundError:
+        return
+    if declared_hash != base_hash:
+        raise PoolMismatchError(
+            f"base model mismatch: {Path(p.entry.adapter_dir) / ADAPTER_CONFIG} names "
+            f"base_model_name_or_path {p.declared_base!r} (config hash {declared_hash}), not "
+            f"{base_model!r} (config hash {base_hash}); its LoRA was trained on another model"
+        )
 
 
 def _prepare(entry: SourceEntry) -> _Prepared:
-    """Read and check an adapter dir: PEFT LoRA, safetensors only, linear LoRA layers only."""
+    """Read and check an adapter dir: PEFT LoRA on linear layers (any r, α, rsLoRA, rank and
+    alpha patterns, target modules), safetensors only; errors name the dir or file."""
     root = Path(entry.adapter_dir)
-    if not (root / ADAPTER_CONFIG).is_file() or not (root / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(
-            f"{root} is not a PEFT adapter dir ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS} needed)"
-        )
+    where = f"source {entry.name!r} ({root})"
+    for rel in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (root / rel).is_file():
+            raise FileNotFoundError(
+                f"{where}: no {rel}; a PEFT adapter dir holds {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}"
+            )
     files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
@@ -88,28 +109,20 @@ def _prepare(entry: SourceEntry) -> _Prepared:
             files[_check_relpath(rel)] = path.read_bytes()
         except ValueError as exc:
             raise ValueError(f"source {entry.name!r}: {exc}") from None
-    lora = _lora_layout(json.loads(files[ADAPTER_CONFIG]), f"source {entry.name!r}")
-    with safe_open(str(root / ADAPTER_WEIGHTS), framework="pt") as f:
-        names = list(f.keys())
-    odd = [n for n in names if not n.endswith(_LORA_SUFFIXES)]
-    if odd or not names:
-        raise ValueError(
-            f"source {entry.name!r}: only linear LoRA A/B weights can be pooled, "
-            f"found {odd[:3] or 'no tensors'}"
-        )
+    config = read_config(files[ADAPTER_CONFIG], str(root / ADAPTER_CONFIG))
+    tensors = load_weights(files[ADAPTER_WEIGHTS], str(root / ADAPTER_WEIGHTS))
+    lora = _lora_layout(config, tensors, where)
     hashes = {rel: _sha256(data) for rel, data in files.items()}
     digest = _sha256(json.dumps(hashes, sort_keys=True).encode())[:16]
-    return _Prepared(entry, files, hashes, f"sources/{entry.name}/{digest}", lora)
+    declared = config.get("base_model_name_or_path")
+    return _Prepared(entry, files, hashes, f"sources/{entry.name}/{digest}", lora, declared)
 
 
 def _check_same(what: str, ours: Any, theirs: Any, context: str, other: str = "the pool") -> None:
     if ours != theirs:
-        if isinstance(ours, dict) and isinstance(theirs, dict):  # show only what differs
-            diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-            ours, theirs = ({k: d.get(k) for k in diff} for d in (ours, theirs))
         raise PoolMismatchError(
-            f"{what} mismatch: {context} has {ours!r} but {other} has {theirs!r}; "
-            "every source of a pool must share base model, LoRA layout and featurizer"
+            f"{what} mismatch: {context} has {ours!r} but {other} has {theirs!r}; the sources "
+            "of a pool share one base model, featurizer and layer orientation (fan_in_fan_out)"
         )
 
 
@@ -179,14 +192,19 @@ def add_sources(
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate source names in entries: {names}")
     prepared = [_prepare(e) for e in entries]
+    fan = prepared[0].lora["fan_in_fan_out"]
     for p in prepared[1:]:
         first = f"source {prepared[0].entry.name!r}"
-        _check_same("LoRA layout", p.lora, prepared[0].lora, f"source {p.entry.name!r}", first)
+        _check_same(
+            "fan_in_fan_out", p.lora["fan_in_fan_out"], fan, f"source {p.entry.name!r}", first
+        )
     new_keys = {p.entry.name: _entry_key(p.entry.key, p.entry.name) for p in prepared}
     dims = {k[0].shape[0] for k in new_keys.values()}
     if len(dims) != 1:
         raise ValueError(f"entries have keys of different dimensions: {sorted(dims)}")
     base_hash = config_hash(base_model)
+    for p in prepared:
+        _check_declared_base(p, base_model, base_hash)
     try:
         previous: Pool | None = Pool.open(uri)
     except FileNotFoundError:
@@ -194,9 +212,13 @@ def add_sources(
     keys: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     old: dict[str, Any] = {"sources": {}}
     if previous is not None:
-        context = f"base model {base_model!r}"
-        _check_same("base model config hash", base_hash, previous.base_config_hash, context)
-        _check_same("LoRA layout", prepared[0].lora, previous.lora_config, "the new adapters")
+        adapters = ", ".join(f"{e.name!r} ({e.adapter_dir})" for e in entries)
+        context = f"base model {base_model!r} of {adapters}"
+        pool_base = f"the pool's base model {previous.base_model!r}"
+        _check_same(
+            "base model config hash", base_hash, previous.base_config_hash, context, pool_base
+        )
+        _check_same("fan_in_fan_out", fan, previous.lora_config["fan_in_fan_out"], adapters)
         _check_same("featurizer", featurizer, previous.featurizer, "the new sources")
         _check_same("key dimension", dims.pop(), previous.style_keys.shape[1], "the new keys")
         old = previous.manifest
@@ -210,7 +232,11 @@ def add_sources(
         # a format-1 pool has only pool.json: record its generation, which GC then keeps
         storage.create_exclusive(storage.join(uri, manifest_name(previous.generation)), _dump(old))
 
-    sources = dict(old["sources"])
+    sources = {  # format 1 sources get their layout recorded
+        n: {**entry, "lora": entry.get("lora") or previous.source_layout(n)}
+        for n, entry in old["sources"].items()
+        if previous is not None
+    }
     for p in prepared:
         if old["sources"].get(p.entry.name, {}).get("dir") != p.dir:  # never rewrite named files
             for rel, data in p.files.items():
@@ -221,6 +247,7 @@ def add_sources(
             "n_examples": int(p.entry.key.n_examples),
             "metrics": p.entry.metrics,
             "data_hash": p.entry.data_hash,
+            "lora": p.lora,
         }
     names = sorted(sources)
     n_examples = [sources[n]["n_examples"] for n in names]
@@ -237,7 +264,12 @@ def add_sources(
         "generation": generation,
         "base_model": previous.base_model if previous else base_model,
         "base_config_hash": base_hash,
-        "lora": prepared[0].lora,
+        "lora": {
+            "fan_in_fan_out": fan,
+            "target_modules": sorted(
+                {m for e in sources.values() for m in e["lora"]["module_names"]}
+            ),
+        },
         "featurizer": featurizer,
         "key_dim": len(keys[names[0]][0]),
         "clustering": {
