@@ -27,13 +27,14 @@ concurrent writer's, not yet committed). A reader of a generation that has since
 collected gets `PoolGenerationGoneError` and reopens the pool (the Serve engine does so by
 itself); `Pool.open(uri, generation=N)` reopens a still-kept older generation.
 
-Readers read only what `pool.json` names and check each file's sha256
+Readers read only what the newest manifest names and check each file's sha256
 (`PoolCorruptError` names the file). Only safetensors weights are accepted. All sources
 share one base model (config hash) and one featurizer (`PoolMismatchError`); their LoRA
 layouts may differ (r, α, rsLoRA, rank/alpha patterns, target modules: each source's is
 recorded in the manifest and its own scaling folded in when its factors are read), but not
-what cannot be merged as ΔW = B·A on linear layers (DoRA, embedding or conv LoRA: refused). Keys: `key` is the style key (clustering, task-level retrieval),
-`input_key` the input key (instance-level retrieval); see `ray_twist.features`.
+what cannot be merged as ΔW = B·A on linear layers (DoRA, embedding or conv LoRA: refused).
+Keys: `key` is the style key (clustering, task-level retrieval), `input_key` the input key
+(instance-level retrieval); see `ray_twist.features`.
 """
 
 from ray_twist.pool.clustering import cluster_keys
