@@ -77,6 +77,7 @@ def cmd_pool_show(args: argparse.Namespace) -> int:
             name: {
                 "cluster": int(pool.cluster_of[i]),
                 "n_examples": int(pool.n_examples[i]),
+                "lora": pool.source_layout(name),
                 "metrics": pool.manifest["sources"][name].get("metrics", {}),
             }
             for i, name in enumerate(pool.sources)

@@ -262,6 +262,11 @@ def test_cli_pool_add_takes_an_adapter_trained_anywhere(mixed, tmp_path, capsys)
                                   tmp_path / f"{name}.jsonl")  # fmt: skip
         assert main(["pool", "add", "--pool", pool, "--adapter", dirs[name],
                      "--corpus", corpus, "--name", name]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["pool", "show", "--pool", pool, "--json"]) == 0
+    layouts = {n: s["lora"] for n, s in json.loads(capsys.readouterr().out)["sources"].items()}
+    assert (layouts["plain"]["r"], layouts["plain"]["lora_alpha"]) == (4, 8)
+    assert (layouts["rslora"]["r"], layouts["rslora"]["use_rslora"]) == (8, True)
     weights = {"plain": 0.6, "rslora": 0.4}
     out = tmp_path / "merged"
     assert main(["merge", "--pool", pool, "--weights", json.dumps(weights), "--rank", "2",
