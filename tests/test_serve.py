@@ -383,8 +383,8 @@ def test_adapter_that_fails_to_load_is_a_503_naming_it(client, world) -> None:
     intact = weights.read_bytes()
     request = {"texts": ["the dog runs"], "style": "fragile"}
     try:
-        for damage, reason in ((lambda: weights.write_bytes(intact[:64]), "Safetensor"),
-                               (weights.unlink, "No such file")):  # fmt: skip
+        for damage, reason in ((lambda: weights.write_bytes(intact[:64]), "corrupt or truncated"),
+                               (weights.unlink, "no adapter_model.safetensors")):  # fmt: skip
             damage()
             r = client.post("/v1/restyle", json=request)
             assert r.status_code == 503, r.text

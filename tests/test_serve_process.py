@@ -141,6 +141,7 @@ def test_twist_serve_stops_on_a_signal(served_files, signame: str, when: str) ->
         took = time.monotonic() - sent
         print(f"\n{signame} while {when}: exit {code}, Ray gone, {took:.1f} s after the signal")
         assert code == 0, log.read_text()[-3000:]
+        assert (b"serving on" in log.read_bytes()) == (when == "serving")  # stopped while starting
         for path in Path(tmp).rglob("*"):
             if path.is_file() and path.name != "serve.yaml":
                 text = path.read_bytes()
