@@ -211,8 +211,9 @@ class _BearerAuth:
         if scope["type"] == "http" and self.digests:
             path, root = scope["path"], scope.get("root_path", "")
             path = (path[len(root) :] or "/") if root and path.startswith(root) else path
-            header = dict(scope["headers"]).get(b"authorization")
-            if path not in self.PUBLIC and not self.allows(header and header.decode("latin-1")):
+            header: bytes | None = dict(scope["headers"]).get(b"authorization")
+            presented = header.decode("latin-1") if header is not None else None
+            if path not in self.PUBLIC and not self.allows(presented):
                 refused = ApiError(
                     401, "unauthorized", "authorization",
                     "missing or invalid API key: send the header Authorization: Bearer <key>",
@@ -399,6 +400,7 @@ def run(config: ServeConfig | str) -> str:
 
 
 def _stop_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM stops `twist serve` the way Ctrl-C does."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
