@@ -69,10 +69,12 @@ def world(tiny_backbones, featurizer, tmp_path_factory) -> dict:
     examples = root / "poet.jsonl"
     examples.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in POET))
     poet = save_random_lora(base, root / "poet", seed=20, rank=2)
+    fragile = save_random_lora(base, root / "fragile", seed=30, rank=2)  # a test breaks it
     config = {
         "name": APP,
         "pool": str(root / "pool"),
-        "styles": {**styles, "poet": {"adapter": poet, "examples": str(examples)}},
+        "styles": {**styles, "poet": {"adapter": poet, "examples": str(examples)},
+                   "fragile": fragile},
         "retrieval": RETRIEVAL,
         "limits": LIMITS,
         "batching": {"max_batch_rows": 16, "batch_wait_timeout_s": 0.5},
@@ -81,7 +83,7 @@ def world(tiny_backbones, featurizer, tmp_path_factory) -> dict:
         "ingress": {"num_replicas": 1, "num_cpus": 0.1},
         "http": {"host": "127.0.0.1", "port": _free_port()},
     }  # fmt: skip
-    return {"base": base, "root": root, "styles": styles, "config": config}
+    return {"base": base, "root": root, "styles": styles, "config": config, "fragile": fragile}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_docs_styles_pool_health(client) -> None:
     body = spec["paths"]["/v1/restyle"]["post"]["requestBody"]["content"]["application/json"]
     assert "texts" in body["schema"]["properties"]
     styles = {s["name"]: s for s in client.get("/v1/styles").json()["styles"]}
-    assert set(styles) == {*SOURCES, *STYLES, "pirate", "poet"}
+    assert set(styles) == {*SOURCES, *STYLES, "pirate", "poet", "fragile"}
     assert styles["formal"]["modes"] == ["adapted"]
     assert styles["poet"]["modes"] == styles["src-a"]["modes"] == ["adapted", "instance", "mixture"]
     pool = client.get("/v1/pool").json()
@@ -370,6 +372,33 @@ def test_bad_input_is_a_4xx_naming_the_field(client) -> None:
     good = client.post("/v1/restyle", json={"texts": ["still here"], "style": "formal"})
     assert good.status_code == 200, good.text
     assert _stats()["replica"] == replica  # the same replica, alive
+
+
+def test_adapter_that_fails_to_load_is_a_503_naming_it(client, world) -> None:
+    """The "fragile" style's adapter is corrupted, then deleted, on disk after the app
+    started and before any request for it: each request for it is a 503 naming the style
+    and the reason, while other styles and /healthz still answer; once the file is back,
+    the style serves."""
+    weights = Path(world["fragile"]) / "adapter_model.safetensors"
+    intact = weights.read_bytes()
+    request = {"texts": ["the dog runs"], "style": "fragile"}
+    try:
+        for damage, reason in ((lambda: weights.write_bytes(intact[:64]), "corrupt or truncated"),
+                               (weights.unlink, "no adapter_model.safetensors")):  # fmt: skip
+            damage()
+            r = client.post("/v1/restyle", json=request)
+            assert r.status_code == 503, r.text
+            body = r.json()
+            assert (body["error"], body["field"]) == ("adapter_unavailable", "style"), body
+            assert "style 'fragile' is unavailable" in body["message"], body
+            assert reason in body["message"], body
+            other = client.post("/v1/restyle", json={"texts": ["the dog runs"], "style": "formal"})
+            assert other.status_code == 200, other.text
+            assert client.get("/healthz").status_code == 200
+    finally:
+        weights.write_bytes(intact)
+    r = client.post("/v1/restyle", json=request)
+    assert r.status_code == 200, r.text
 
 
 def test_timeout_is_a_clean_504(client) -> None:

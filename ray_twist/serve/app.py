@@ -13,7 +13,11 @@ for different adapters share one batch and one forward pass.
 # No `from __future__ import annotations` here: FastAPI resolves the route signatures of a
 # Serve ingress class inside the replica, where postponed (string) annotations do not resolve.
 import asyncio
+import hashlib
+import hmac
+import signal
 import sys
+import threading
 import time
 from typing import Any, cast
 
@@ -26,6 +30,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ray_twist.merge import ModuleFactors
 from ray_twist.pool import Pool, PoolGenerationGoneError
@@ -41,6 +46,7 @@ from ray_twist.serve.engine import Catalog, Engine, StyleEntry, Work
 from ray_twist.settings import ConfigError, format_validation_error, load_yaml
 from ray_twist.storage import absolute, absolute_or_none
 
+STOP_TIMEOUT_S = 4.0  # how long `twist serve` waits for its app to undeploy on a signal
 _UNAVAILABLE = (
     ActorDiedError,
     ActorUnavailableError,
@@ -168,8 +174,59 @@ api = FastAPI(
     version="1",
 )
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 413, 415, 422, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503, 504)
 }
+
+
+class _BearerAuth:
+    """ASGI middleware: with API keys configured, every request but the public paths needs
+    `Authorization: Bearer <key>` (else 401 in the error shape). Keys are kept as SHA-256
+    digests and compared in constant time; neither they nor a presented key are logged.
+
+    Public: /healthz (load balancers and probes carry no key) and the API docs (/docs,
+    /redoc, /openapi.json: the request/response schema, which is the open-source code's and
+    holds no styles, pool or data). Every other route, present or added later, is guarded.
+    """
+
+    PUBLIC = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+    digests: tuple[bytes, ...] = ()  # per replica process: set by `Ingress.__init__`
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    @classmethod
+    def use(cls, keys: list[str]) -> None:
+        cls.digests = tuple(hashlib.sha256(k.encode()).digest() for k in keys)
+
+    @classmethod
+    def allows(cls, authorization: str | None) -> bool:
+        scheme, _, key = (authorization or "").partition(" ")
+        presented = hashlib.sha256(key.strip().encode()).digest()
+        matched = False
+        for digest in cls.digests:  # no early exit: the time does not depend on which matched
+            matched |= hmac.compare_digest(digest, presented)
+        return matched and scheme.lower() == "bearer"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.digests:
+            path, root = scope["path"], scope.get("root_path", "")
+            path = (path[len(root) :] or "/") if root and path.startswith(root) else path
+            header: bytes | None = dict(scope["headers"]).get(b"authorization")
+            presented = header.decode("latin-1") if header is not None else None
+            if path not in self.PUBLIC and not self.allows(presented):
+                refused = ApiError(
+                    401, "unauthorized", "authorization",
+                    "missing or invalid API key: send the header Authorization: Bearer <key>",
+                )  # fmt: skip
+                response = JSONResponse(
+                    refused.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(_BearerAuth)
 
 
 @api.exception_handler(ApiError)
@@ -224,6 +281,7 @@ class Ingress:
 
     def __init__(self, config: ServeConfig, generator: DeploymentHandle) -> None:
         self.config, self.generator = config, generator
+        _BearerAuth.use(config.auth.api_keys() if config.auth.enabled else [])
         self._pool = Pool.open(config.pool) if config.pool else None
         self.catalog = Catalog(config, self._pool)
 
@@ -313,7 +371,10 @@ def prepare(config: ServeConfig) -> ServeConfig:
         for name, style in config.styles.items()
     }
     pool = absolute_or_none(config.pool)
-    update: dict[str, Any] = {"pool": pool, "styles": styles}
+    auth = config.auth.model_copy(
+        update={"api_keys_file": absolute_or_none(config.auth.api_keys_file)}
+    )
+    update: dict[str, Any] = {"pool": pool, "styles": styles, "auth": auth}
     if config.base_model is not None:
         update["base_model"] = absolute_model_path(config.base_model)
     if config.featurizer is not None:
@@ -338,8 +399,37 @@ def run(config: ServeConfig | str) -> str:
     return f"http://{config.http.host}:{config.http.port}{config.route_prefix.rstrip('/')}"
 
 
+def _stop_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM stops `twist serve` the way Ctrl-C does."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _undeploy(name: str, timeout_s: float) -> None:
+    """Delete the app, waiting at most `timeout_s` (Serve would wait up to each replica's
+    graceful shutdown time, 20 s by default, for requests in flight), then disconnect from
+    Ray, which stops the local cluster `ray.init` started (a joined cluster finishes the
+    deletion on its own)."""
+    if not ray.is_initialized():
+        return
+    done = threading.Event()
+
+    def delete() -> None:
+        try:
+            serve.delete(name)
+        except Exception as exc:  # not deployed yet, or Serve never started
+            print(f"undeploy {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            done.set()
+
+    threading.Thread(target=delete, name="undeploy", daemon=True).start()
+    done.wait(timeout_s)
+    ray.shutdown()
+
+
 def serve_main(config_path: str, allow_untrained_base: bool = False) -> int:
-    """`twist serve --config FILE`: deploy, print the URL, block until Ctrl-C, undeploy."""
+    """`twist serve --config FILE`: deploy, print the URL, block until Ctrl-C or SIGTERM,
+    then undeploy and stop Ray within `STOP_TIMEOUT_S` + Ray's own shutdown (a few s). A
+    signal during startup stops it the same way."""
     try:
         config = load_yaml(config_path, ServeConfig)
     except ConfigError as exc:
@@ -347,13 +437,15 @@ def serve_main(config_path: str, allow_untrained_base: bool = False) -> int:
         return 2
     if allow_untrained_base:
         config = config.model_copy(update={"allow_untrained_base": True})
-    url = run(config)
-    print(f"serving on {url}  (API docs: {url}/docs); Ctrl-C stops")
+    # SIGTERM acts as Ctrl-C; `ray.init` replaces this with its own `sys.exit(SIGTERM)`
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        url = run(config)
+        print(f"serving on {url}  (API docs: {url}/docs); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, SystemExit):
+        print("stopping", file=sys.stderr, flush=True)
     finally:
-        serve.delete(config.name)
+        _undeploy(config.name, STOP_TIMEOUT_S)
     return 0

@@ -194,9 +194,10 @@ class Engine:
 
     def load_adapter(self, model_id: str) -> ModuleFactors:
         """A named style's factors (by `StyleEntry.model_id`) on the model's device, checked
-        against the model. A pool source of a generation this engine no longer serves, or
-        one garbage collection has taken (the engine then reloads), raises
-        `PoolGenerationGoneError`: prepare the request again, on the newest generation."""
+        against the model; one that fails to load is a 503 naming the style. A pool source
+        of a generation this engine no longer serves, or one garbage collection has taken
+        (the engine then reloads), raises `PoolGenerationGoneError`: prepare the request
+        again, on the newest generation."""
         try:
             modules = self._read_adapter(model_id)
             modules = {m: (a.to(self.device), b.to(self.device)) for m, (a, b) in modules.items()}
@@ -204,8 +205,12 @@ class Engine:
                 self.styler.check_adapter(modules)
         except PoolGenerationGoneError:
             raise
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ApiError(500, "adapter_unavailable", "style", f"{model_id!r}: {exc}") from exc
+        except Exception as exc:  # missing, corrupt, or not fitting the base model: the
+            # server's adapter is at fault, not the request, and other styles still serve
+            name = model_id.partition("@")[0]
+            reason = f"{type(exc).__name__}: {exc}"
+            message = f"style {name!r} is unavailable: its adapter failed to load ({reason})"
+            raise ApiError(503, "adapter_unavailable", "style", message) from None
         return modules
 
     def _read_adapter(self, model_id: str) -> ModuleFactors:
