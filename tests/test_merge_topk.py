@@ -89,7 +89,7 @@ def test_merge_sources_take_the_subset_path_for_sparse_batches_only() -> None:
     assert torch.equal(a_s, a_ref) and torch.equal(b_s, b_ref)
     rows = sources.rows(sparse, "instance", 4)
     assert torch.equal(rows["m"].a, a_ref) and torch.equal(rows["m"].b, b_ref)
-    # a batch with one row over N/4 sources goes through the whole stack's core
+    # a batch with one row over N/2 sources goes through the whole stack's core
     dense = torch.cat([sparse, torch.full((1, N), 1.0 / N, dtype=torch.float64)])
     [(_, a_d, b_d), _] = list(sources.merge_modules(dense, 4))
     a_f, b_f = sources.stack("m").merge_svd(dense, 4)
