@@ -1,4 +1,4 @@
-"""The top-k merge: a target that weights k of N sources costs what an k-source pool costs.
+"""The top-k merge: a target that weights k of N sources costs what a k-source pool costs.
 
 `FactorStack` QR-factors the whole stack, so each target's core is Nr × Nr and its
 decomposition grows with (N·r)³ even when all but k weights are 0. `SubsetStack` keeps
@@ -51,8 +51,8 @@ SPARSE_FRACTION = 0.5
 #: targets per slice of the gathered (T, m, d) bases: bounds the transient memory
 _SLICE = 64
 #: (float64, float32 Gram): the Cholesky root is kept where every pivot² exceeds this
-#: fraction of the largest (no column nearly in the span of the previous ones; in float32
-#: that bounds R⁻¹'s rounding well under 1e-4), else the eigh root drops eigenvalues below
+#: fraction of the largest (no column nearly in the span of the previous ones, which keeps
+#: R⁻¹ well conditioned in float32), else the eigh root drops eigenvalues below
 #: the second fraction of the largest
 _ACCEPT = {False: 1e-10, True: 1e-3}
 _DROP = {False: 1e-12, True: 1e-6}
