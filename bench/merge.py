@@ -2,9 +2,12 @@
 
     python bench/merge.py            # full: 4096² single module + 1000 targets × 64 modules
     python bench/merge.py --quick    # small shapes, seconds
+    python bench/merge.py --scale    # per-target time of top-k 8 merges, N = 8 … 1000 sources
 
 Anchor: PEFT's `add_weighted_adapter(combination_type="svd")` on the same adapters, timed in
 the same run. Prints a table and writes JSON (default bench/results/merge.json).
+`--scale` is anchored on the N = 8 pool's per-target time in the same run (goal: flat,
+≤ 1.2× at N = 1000), and writes bench/results/merge_scale.json unless --out says otherwise.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ import argparse
 import resource
 import time
 
+import numpy as np
 import torch
 from common import write_result
 from peft import LoraConfig, get_peft_model
 
-from ray_twist.merge import FactorStack, merge_lora_factors
+from ray_twist.lora import AdapterFactors
+from ray_twist.merge import FactorStack, MergeSources, merge_lora_factors
+from ray_twist.merge.subset import SPARSE_FRACTION
+from ray_twist.retrieval import retrieval_scores
 
 
 def _max_rss_mb() -> float:
@@ -90,12 +97,109 @@ def bulk(d: int, n_sources: int, r: int, q: int, n_targets: int, n_modules: int,
             "peak_rss_growth_mb": _max_rss_mb() - rss_before, "checksum": checksum}  # fmt: skip
 
 
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, LAPACK/OpenMP start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def scale_row(n: int, d: int, r: int, q: int, top_k: int, n_targets: int, full_up_to: int) -> dict:
+    """One pool of N random sources (one d×d module): the one-time precomputations, then the
+    best-of-5 per-target time of a top-k merge batch as `MergeSources` dispatches it, the
+    subset path and (N ≤ full_up_to) the whole stack's path forced, and the error against
+    the dense merge of one target's selected sources."""
+    g = torch.Generator().manual_seed(n)
+    adapters = [
+        AdapterFactors({}, {"m": (torch.randn(r, d, generator=g) / d**0.5,
+                                  torch.randn(d, r, generator=g) / r)})
+        for _ in range(n)
+    ]  # fmt: skip
+    sources = MergeSources([f"s{i}" for i in range(n)], adapters)
+    rng = np.random.default_rng(n)
+    keys = rng.normal(size=(n, 32))
+    weights = torch.from_numpy(
+        retrieval_scores(rng.normal(size=(n_targets, 32)), None, keys, keys, lam=1.0,
+                         top_k=top_k)
+    ).float()  # fmt: skip
+    start = time.perf_counter()
+    sources.subset("m")
+    subset_s = time.perf_counter() - start
+    full_qr_s = None
+    if n <= full_up_to:
+        start = time.perf_counter()
+        sources.stack("m")
+        full_qr_s = time.perf_counter() - start
+    rss_mb = _max_rss_mb()
+    auto = _best(lambda: list(sources.merge_modules(weights, q)), 5) / n_targets
+    subset = _best(lambda: sources.subset("m").merge_svd(weights, q), 5) / n_targets
+    full = None
+    if n <= full_up_to:
+        full = _best(lambda: sources.stack("m").merge_svd(weights, q), 5) / n_targets
+    [(_, a_t, b_t)] = list(sources.merge_modules(weights[:1], q))
+    chosen = weights[0].nonzero().squeeze(1).tolist()
+    delta = sum(float(weights[0, s]) * (adapters[s].modules["m"][1].double()
+                                        @ adapters[s].modules["m"][0].double())
+                for s in chosen)  # fmt: skip
+    u, sv, vh = torch.linalg.svd(torch.as_tensor(delta))
+    ref = (u[:, :q] * sv[:q]) @ vh[:q]
+    rel = float(((b_t[0] @ a_t[0]).double() - ref).norm() / ref.norm())
+    sparse = top_k <= SPARSE_FRACTION * n
+    return {"n_sources": n, "path": "subset" if sparse else "full stack",
+            "per_target_ms": auto * 1e3, "subset_ms": subset * 1e3,
+            "full_stack_ms": None if full is None else full * 1e3,
+            "subset_precompute_s": subset_s, "full_qr_s": full_qr_s,
+            "max_rss_mb": rss_mb, "rel_error": rel}  # fmt: skip
+
+
+def scale(d: int, r: int, q: int, top_k: int, ns: list[int], n_targets: int) -> dict:
+    rows = [scale_row(n, d, r, q, top_k, n_targets, full_up_to=32) for n in ns]
+    anchor = rows[0]["per_target_ms"]
+    print(f"\nTop-{top_k} merge per target, one {d}x{d} module, r={r} q={q}, "
+          f"{n_targets} targets per batch (anchor: N={rows[0]['n_sources']} in this run)")  # fmt: skip
+    head = ("N", "path", "ms/target", "vs anchor", "subset ms", "full ms", "subset prep s",
+            "full QR s", "rel err")  # fmt: skip
+    print("  " + "".join(f"{h:>14}" for h in head))
+    for row in rows:
+        row["ratio"] = row["per_target_ms"] / anchor
+        cells = [str(row["n_sources"]), row["path"], f"{row['per_target_ms']:.3f}",
+                 f"{row['ratio']:.2f}x", f"{row['subset_ms']:.3f}",
+                 "-" if row["full_stack_ms"] is None else f"{row['full_stack_ms']:.3f}",
+                 f"{row['subset_precompute_s']:.2f}",
+                 "-" if row["full_qr_s"] is None else f"{row['full_qr_s']:.3f}",
+                 f"{row['rel_error']:.1e}"]  # fmt: skip
+        print("  " + "".join(f"{c:>14}" for c in cells))
+    print("  goal: flat, <= 1.2x the anchor at N = 1000", flush=True)
+    return {"d": d, "r": r, "q": q, "top_k": top_k, "targets": n_targets, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     parser.add_argument("--out", default="bench/results/merge.json")
     parser.add_argument("--single-only", action="store_true", help="skip the 1000-target bulk")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="per-target top-k 8 merge time as the pool grows (N = 8 … 1000)",
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.scale:
+        ns = [8, 16, 32, 64] if args.quick else [8, 16, 32, 64, 512, 1000]
+        d = 256 if args.quick else 1024
+        result = scale(d=d, r=8, q=8, top_k=8, ns=ns, n_targets=256)
+        result["torch_threads"] = torch.get_num_threads()
+        out = (
+            args.out if args.out != parser.get_default("out") else "bench/results/merge_scale.json"
+        )
+        write_result(out, {"scale": result})
+        return
     if args.quick:
         single = single_module(d=512, n_sources=4, r=8, q=8, repeats=(2, 7))
     else:

@@ -128,7 +128,7 @@ class Styler:
         self.featurizer = featurizer or Featurizer(pool.featurizer, device=where)
         self.sources = pool_merge_sources(pool, device)
         for order in dict.fromkeys([self.settings.merge_order, *merge_orders]):
-            self.sources.prepare(self.settings.rank, order, modes)
+            self.sources.prepare(self.settings.rank, order, modes, self.settings.top_k)
         self.style_keys = {name: pool.style_keys[i] for i, name in enumerate(pool.sources)}
         self.style_keys.update(style_keys or {})
 

@@ -47,7 +47,7 @@ MergeMethod = Literal["svd", "linear", "dense-svd"]
 MERGE_METHODS: tuple[MergeMethod, ...] = ("svd", "linear", "dense-svd")
 
 
-def _check_factors(a_list: list[Tensor], b_list: list[Tensor]) -> None:
+def check_factors(a_list: list[Tensor], b_list: list[Tensor]) -> None:
     if not a_list or len(a_list) != len(b_list):
         raise ValueError(f"need as many A as B factors (got {len(a_list)} A, {len(b_list)} B)")
     d_in, d_out = a_list[0].shape[1], b_list[0].shape[0]
@@ -83,7 +83,7 @@ class FactorStack:
         device: torch.device | str | None = None,
     ) -> FactorStack:
         """Stack N sources' (A_s, B_s) — B_s with LoRA scaling applied — and QR both sides."""
-        _check_factors(a_list, b_list)
+        check_factors(a_list, b_list)
         a = torch.cat([x.to(device=device, dtype=dtype) for x in a_list], dim=0)
         b = torch.cat([x.to(device=device, dtype=dtype) for x in b_list], dim=1)
         q_b, r_b = torch.linalg.qr(b)
@@ -111,26 +111,11 @@ class FactorStack:
 
     def merge_svd(self, weights: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         """Rank-q truncated SVD of each target's delta, as (A_t (T,q,d_in), B_t (T,d_out,q))."""
-        core = self.cores(weights)
-        # the eigensolve runs at the stack's precision (float32 unless built in float64)
-        eig_dtype = torch.float64 if self.q_b.dtype == torch.float64 else torch.float32
-        low = core.to(eig_dtype)
-        gram = low @ low.mT
-        # CUDA's batched eigh solves one matrix at a time above 32×32, far slower than LAPACK
-        # on the CPU for these small cores; the big projections below stay on the device.
-        eigvals, eigvecs = (x.to(core) for x in torch.linalg.eigh(gram.cpu()))
-        keep = min(rank, gram.shape[-1])
-        u = eigvecs[..., -keep:].flip(-1)  # (T, k_b, keep), leading first
-        sigma = eigvals[..., -keep:].flip(-1).clamp_min(0).sqrt()  # (T, keep)
-        root = sigma.sqrt()
-        alive = sigma > sigma[..., :1] * 1e-12
-        inv_root = torch.where(alive, 1.0 / torch.where(alive, root, 1.0), 0.0)
-        b_core = u * torch.where(alive, root, 0.0).unsqueeze(1)  # U Σ^½
-        a_core = inv_root.unsqueeze(-1) * (u.mT @ core)  # Σ^-½ Uᵀ C = Σ^½ Vᵀ
+        b_core, a_core = core_svd(self.cores(weights), rank, self.q_b.dtype)
         dtype = self.q_b.dtype
         b_t = self.q_b @ b_core.to(dtype)
         a_t = a_core.to(dtype) @ self.q_a.T
-        return _pad_rank(a_t, b_t, rank)
+        return pad_rank(a_t, b_t, rank)
 
     def merge_linear(self, weights: Tensor) -> tuple[Tensor, Tensor]:
         """The exact, untruncated Σ w_s B_s A_s as rank-Nr factors (no SVD)."""
@@ -141,7 +126,29 @@ class FactorStack:
         return a_t, b_t
 
 
-def _pad_rank(a_t: Tensor, b_t: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def core_svd(core: Tensor, rank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Top-`rank` SVD of a batch of small cores C (T, m, n), float64, as balanced factors
+    (U Σ^½ (T, m, keep), Σ^½ Vᵀ (T, keep, n)) with keep = min(rank, m); dead directions
+    (σ ≤ 1e-12 σ_1) are zero. The Gram C Cᵀ and its `eigh` run in float32 unless `dtype`
+    (the factors' precision) is float64."""
+    eig_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    low = core.to(eig_dtype)
+    gram = low @ low.mT
+    # CUDA's batched eigh solves one matrix at a time above 32×32, far slower than LAPACK
+    # on the CPU for these small cores; the big projections stay on the device.
+    eigvals, eigvecs = (x.to(core) for x in torch.linalg.eigh(gram.cpu()))
+    keep = min(rank, gram.shape[-1])
+    u = eigvecs[..., -keep:].flip(-1)  # (T, m, keep), leading first
+    sigma = eigvals[..., -keep:].flip(-1).clamp_min(0).sqrt()  # (T, keep)
+    root = sigma.sqrt()
+    alive = sigma > sigma[..., :1] * 1e-12
+    inv_root = torch.where(alive, 1.0 / torch.where(alive, root, 1.0), 0.0)
+    b_core = u * torch.where(alive, root, 0.0).unsqueeze(1)  # U Σ^½
+    a_core = inv_root.unsqueeze(-1) * (u.mT @ core)  # Σ^-½ Uᵀ C = Σ^½ Vᵀ
+    return b_core, a_core
+
+
+def pad_rank(a_t: Tensor, b_t: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Zero-pad to exactly `rank` when the stack holds fewer independent directions."""
     missing = rank - a_t.shape[1]
     if missing <= 0:
@@ -204,7 +211,7 @@ class TruncatedStack:
         device: torch.device | str | None = None,
     ) -> TruncatedStack:
         """Truncate N sources' (A_s, B_s) — B_s with LoRA scaling applied — to rank q each."""
-        _check_factors(a_list, b_list)
+        check_factors(a_list, b_list)
         if rank < 1:
             raise ValueError(f"rank must be ≥ 1; got {rank}")
         pairs = [truncate_factors(a, b, rank) for a, b in zip(a_list, b_list, strict=True)]
@@ -222,11 +229,16 @@ class TruncatedStack:
 
     def merge(self, weights: Tensor) -> tuple[Tensor, Tensor]:
         """Σ_s w_s trunc_q(ΔW_s) exactly, as (A_t (T,K,d_in), B_t (T,d_out,K)); no SVD."""
-        d = self.column_weights(weights.to(self.a.device, self.a.dtype))
-        root = d.abs().sqrt()
-        b_t = self.b.unsqueeze(0) * (torch.sign(d) * root).unsqueeze(1)
-        a_t = root.unsqueeze(-1) * self.a.unsqueeze(0)
-        return a_t, b_t
+        return weighted_columns(self.a, self.b, self.column_weights(weights.to(self.a)))
+
+
+def weighted_columns(a: Tensor, b: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """B·diag(d)·A as balanced factors (√|d|·A (…,K,d_in), B·sign(d)√|d| (…,d_out,K)) for
+    column weights d (…, K): a weighted concatenation, no SVD."""
+    root = d.abs().sqrt()
+    b_t = b * (torch.sign(d) * root).unsqueeze(-2)
+    a_t = root.unsqueeze(-1) * a
+    return a_t, b_t
 
 
 def dense_svd_merge(
@@ -242,7 +254,7 @@ def dense_svd_merge(
     Σ_s w_s trunc_q(B_s A_s), each trunc_q a dense SVD, returned as its SVD at rank
     K = Σ_s min(q, r_s) (exact: the sum has no more directions).
     """
-    _check_factors(a_list, b_list)
+    check_factors(a_list, b_list)
     if merge_order not in MERGE_ORDERS:
         raise ValueError(f"merge_order must be one of {MERGE_ORDERS}; got {merge_order!r}")
     dtype = a_list[0].dtype
@@ -263,7 +275,7 @@ def dense_svd_merge(
         root = s[:keep].sqrt()
         b_out.append(u[:, :keep] * root)
         a_out.append(root.unsqueeze(1) * vh[:keep])
-    return _pad_rank(torch.stack(a_out).to(dtype), torch.stack(b_out).to(dtype), keep)
+    return pad_rank(torch.stack(a_out).to(dtype), torch.stack(b_out).to(dtype), keep)
 
 
 def merge_lora_factors(

@@ -10,6 +10,12 @@ factors of each module's stack (`sum_then_truncate`), each source's own top-q SV
 computed on first use (or by `prepare`) and kept: every target merged from the same sources
 (a pool generation) reuses them.
 
+Top-k merges cost what a k-source pool costs. `sum_then_truncate` batches whose targets each
+weight at most `SPARSE_FRACTION` of the sources (non-zero weights, e.g. retrieval's top-k)
+build each target's core from its selected sources only (`ray_twist.merge.subset`), the
+others the whole stack's; `truncate_then_sum` and "mixture" rows only touch the columns of
+sources some target weights non-zero.
+
 Sources may differ in rank (per module, too) and in the modules they train: the merge covers
 the union of their modules, and a source without a module stands in it as a rank-0 block
 (A (0, d_in), B (d_out, 0)): no columns in any stack, so it contributes exactly zero.
@@ -32,7 +38,9 @@ from ray_twist.merge.factored import (
     TruncatedStack,
     column_weights,
     merge_lora_factors,
+    weighted_columns,
 )
+from ray_twist.merge.subset import SPARSE_FRACTION, SubsetStack, sparse_applies
 
 ModuleFactors = dict[str, tuple[Tensor, Tensor]]
 
@@ -69,6 +77,7 @@ class MergeSources:
         self.dtype = dtype
         self._stacks: dict[str, FactorStack] = {}
         self._truncated: dict[tuple[str, int], TruncatedStack] = {}
+        self._subsets: dict[str, SubsetStack] = {}
         self._concatenated: dict[str, tuple[Tensor, Tensor]] = {}
 
     @property
@@ -88,6 +97,15 @@ class MergeSources:
                 a_list, b_list, dtype=self.dtype, device=self.device
             )
         return self._stacks[module]
+
+    def subset(self, module: str) -> SubsetStack:
+        """The module's per-source factors and cross-Grams for top-k merges (cached)."""
+        if module not in self._subsets:
+            a_list, b_list = self.factors(module)
+            self._subsets[module] = SubsetStack.from_factors(
+                a_list, b_list, dtype=self.dtype, device=self.device
+            )
+        return self._subsets[module]
 
     def truncated(self, module: str, rank: int) -> TruncatedStack:
         """The module's sources each truncated to top-`rank` SVD, concatenated (cached)."""
@@ -114,12 +132,17 @@ class MergeSources:
         rank: int,
         merge_order: MergeOrder = DEFAULT_MERGE_ORDER,
         modes: Sequence[RowMode] = ("instance",),
+        top_k: int | None = None,
     ) -> None:
         """Compute up front (not inside a first request) what merges at `rank` in
-        `merge_order` and `rows` in `modes` need: every module's QR stack, each source's
-        top-q SVD for `truncate_then_sum`, the concatenated factors for "mixture"."""
+        `merge_order` and `rows` in `modes` need: every module's QR stack, its per-source
+        factors and cross-Grams when `top_k` makes merges sparse, each source's top-q SVD
+        for `truncate_then_sum`, the concatenated factors for "mixture"."""
+        sparse = top_k is not None and top_k <= SPARSE_FRACTION * len(self.names)
         for module in self.modules:
             self.stack(module)
+            if sparse and merge_order == "sum_then_truncate":
+                self.subset(module)
             if merge_order == "truncate_then_sum":
                 self.truncated(module, rank)
             if "mixture" in modes:
@@ -154,6 +177,8 @@ class MergeSources:
                     [], [], weights, rank, method=method, merge_order=merge_order,
                     truncated=self.truncated(module, rank),
                 )  # fmt: skip
+            elif method == "svd" and sparse_applies(weights, len(self.names)):
+                a_t, b_t = self.subset(module).merge_svd(weights, rank)
             else:
                 stack = self.stack(module)
                 a_t, b_t = merge_lora_factors([], [], weights, rank, method=method, stack=stack)
@@ -174,24 +199,34 @@ class MergeSources:
         largest if their source ranks differ), at least 1.
         """
         w = self.weights_tensor(weights)
+        if merge_order == "truncate_then_sum" and method == "svd":
+            return self._merge_truncated(w, rank)
         targets: list[ModuleFactors] = [{} for _ in range(w.shape[0])]
         for module, a_t, b_t in self.merge_modules(w, rank, method, merge_order):
-            if merge_order == "truncate_then_sum":
+            if merge_order == "truncate_then_sum":  # dense-svd: the rank is the live count
                 ranks = tuple(min(rank, int(a.shape[0])) for a in self.factors(module)[0])
-                alive = torch.repeat_interleave(
-                    w.to(a_t.device) != 0, torch.tensor(ranks, device=a_t.device), dim=1
-                )
+                live = column_weights((w != 0).to(torch.int64), ranks).sum(1)
             for t, out in enumerate(targets):
                 if merge_order != "truncate_then_sum":
                     out[module] = (a_t[t], b_t[t])
-                elif method == "dense-svd":  # SVD order: the rank is the count, leading first
-                    k = int(alive[t].sum())
+                else:  # SVD order: leading first
+                    k = int(live[t])
                     out[module] = (a_t[t, :k], b_t[t, :, :k])
-                else:  # stacking order: the live sources' columns
-                    out[module] = (a_t[t, alive[t]], b_t[t][:, alive[t]])
         if merge_order == "truncate_then_sum":
             targets = [_common_rank(out) for out in targets]
         return targets
+
+    def _merge_truncated(self, w: Tensor, rank: int) -> list[ModuleFactors]:
+        """`truncate_then_sum` per target from the columns of its non-zero-weight sources
+        only (stacking order): the cost follows the target's support, not the pool."""
+        targets: list[ModuleFactors] = [{} for _ in range(w.shape[0])]
+        for module in self.modules:
+            stack = self.truncated(module, rank)
+            d = stack.column_weights(w.to(stack.a))
+            for t, out in enumerate(targets):
+                cols = d[t].nonzero().squeeze(1)
+                out[module] = weighted_columns(stack.a[cols], stack.b[:, cols], d[t, cols])
+        return [_common_rank(out) for out in targets]
 
     def rows(
         self,
@@ -221,11 +256,20 @@ class MergeSources:
             if mode == "mixture":
                 a, b = self.concatenated(module)
                 ranks = tuple(int(x.shape[0]) for x in self.factors(module)[0])
-                out[module] = RowFactors(a, b, column_weights(w.to(a), ranks))
+                out[module] = _used_columns(a, b, column_weights(w.to(a), ranks))
             else:
                 stack = self.truncated(module, rank)
-                out[module] = RowFactors(stack.a, stack.b, stack.column_weights(w.to(stack.a)))
+                out[module] = _used_columns(stack.a, stack.b, stack.column_weights(w.to(stack.a)))
         return out
+
+
+def _used_columns(a: Tensor, b: Tensor, scale: Tensor) -> RowFactors:
+    """Shared row factors restricted to the columns some row weights non-zero (a top-k
+    batch touches its sources' columns only, not the pool's)."""
+    used = (scale != 0).any(0)
+    if bool(used.all()) or not bool(used.any()):
+        return RowFactors(a, b, scale)
+    return RowFactors(a[used], b[:, used], scale[:, used])
 
 
 def _common_rank(modules: ModuleFactors) -> ModuleFactors:
