@@ -193,7 +193,7 @@ def test_bert2bert_default_targets_cover_the_cross_attention(
 
 
 def test_untrained_bases_are_refused_before_anything_runs(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_session, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A bare encoder (warm-started at every load) as base of `twist adapt`, `twist pool
     build` and `twist serve`: refused at once, saying which weights and what to do."""
@@ -222,6 +222,7 @@ def test_untrained_bases_are_refused_before_anything_runs(
         assert "twist base build" in err and "--allow-untrained-base" in err, (command, err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
     assert not (tmp_path / "pool").exists()
+    assert ray_session.is_initialized()  # `twist serve` stops only a Ray it started itself
 
 
 def test_checkpoints_with_missing_weights_are_named(t5_missing_a_weight: str) -> None:

@@ -404,11 +404,12 @@ def _stop_on_sigterm(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _undeploy(name: str, timeout_s: float) -> None:
+def _undeploy(name: str, timeout_s: float, shutdown_ray: bool) -> None:
     """Delete the app, waiting at most `timeout_s` (Serve would wait up to each replica's
-    graceful shutdown time, 20 s by default, for requests in flight), then disconnect from
-    Ray, which stops the local cluster `ray.init` started (a joined cluster finishes the
-    deletion on its own)."""
+    graceful shutdown time, 20 s by default, for requests in flight), then, with
+    `shutdown_ray` (this process started Ray), disconnect from Ray, which stops the local
+    cluster `ray.init` started (a joined cluster finishes the deletion on its own). A caller
+    that had Ray running already (a notebook, a test session) keeps it."""
     if not ray.is_initialized():
         return
     done = threading.Event()
@@ -423,7 +424,8 @@ def _undeploy(name: str, timeout_s: float) -> None:
 
     threading.Thread(target=delete, name="undeploy", daemon=True).start()
     done.wait(timeout_s)
-    ray.shutdown()
+    if shutdown_ray:
+        ray.shutdown()
 
 
 def serve_main(config_path: str, allow_untrained_base: bool = False) -> int:
@@ -437,8 +439,9 @@ def serve_main(config_path: str, allow_untrained_base: bool = False) -> int:
         return 2
     if allow_untrained_base:
         config = config.model_copy(update={"allow_untrained_base": True})
+    owns_ray = not ray.is_initialized()
     # SIGTERM acts as Ctrl-C; `ray.init` replaces this with its own `sys.exit(SIGTERM)`
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         url = run(config)
         print(f"serving on {url}  (API docs: {url}/docs); Ctrl-C stops", flush=True)
@@ -447,5 +450,6 @@ def serve_main(config_path: str, allow_untrained_base: bool = False) -> int:
     except (KeyboardInterrupt, SystemExit):
         print("stopping", file=sys.stderr, flush=True)
     finally:
-        _undeploy(config.name, STOP_TIMEOUT_S)
+        _undeploy(config.name, STOP_TIMEOUT_S, shutdown_ray=owns_ray)
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
