@@ -23,7 +23,9 @@ the union of their modules, and a source without a module stands in it as a rank
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -43,6 +45,7 @@ from ray_twist.merge.factored import (
 from ray_twist.merge.subset import SPARSE_FRACTION, SubsetStack, sparse_applies
 
 ModuleFactors = dict[str, tuple[Tensor, Tensor]]
+S = TypeVar("S")
 
 
 class MergeSources:
@@ -90,31 +93,26 @@ class MergeSources:
         pairs = [adapter.modules.get(module, self._blank[module]) for adapter in self.adapters]
         return [a for a, _ in pairs], [b for _, b in pairs]
 
-    def stack(self, module: str) -> FactorStack:
-        if module not in self._stacks:
+    def _built(self, cache: dict[Any, S], key: Any, module: str, build: Callable[..., S]) -> S:
+        """`build(A_list, B_list, dtype=, device=)` of `module`'s factors, cached at `key`:
+        the per-pool precomputations every target merged from these sources reuses."""
+        if key not in cache:
             a_list, b_list = self.factors(module)
-            self._stacks[module] = FactorStack.from_factors(
-                a_list, b_list, dtype=self.dtype, device=self.device
-            )
-        return self._stacks[module]
+            cache[key] = build(a_list, b_list, dtype=self.dtype, device=self.device)
+        return cache[key]
+
+    def stack(self, module: str) -> FactorStack:
+        """The module's stacked factors, QR-factored (cached)."""
+        return self._built(self._stacks, module, module, FactorStack.from_factors)
 
     def subset(self, module: str) -> SubsetStack:
         """The module's per-source factors and cross-Grams for top-k merges (cached)."""
-        if module not in self._subsets:
-            a_list, b_list = self.factors(module)
-            self._subsets[module] = SubsetStack.from_factors(
-                a_list, b_list, dtype=self.dtype, device=self.device
-            )
-        return self._subsets[module]
+        return self._built(self._subsets, module, module, SubsetStack.from_factors)
 
     def truncated(self, module: str, rank: int) -> TruncatedStack:
         """The module's sources each truncated to top-`rank` SVD, concatenated (cached)."""
-        if (module, rank) not in self._truncated:
-            a_list, b_list = self.factors(module)
-            self._truncated[(module, rank)] = TruncatedStack.from_factors(
-                a_list, b_list, rank, dtype=self.dtype, device=self.device
-            )
-        return self._truncated[(module, rank)]
+        build = functools.partial(TruncatedStack.from_factors, rank=rank)
+        return self._built(self._truncated, (module, rank), module, build)
 
     def concatenated(self, module: str) -> tuple[Tensor, Tensor]:
         """The module's sources' factors side by side, (A_all (K, d_in), B_all (d_out, K)),
