@@ -259,6 +259,7 @@ def test_builds_train_only_new_or_changed_sources(
             synthetic(["sailor"], seed=1),
             synthetic(["biblical"], n=16),
         ],
+        featurizer={"key_examples": 5},  # sources keyed from now on: on 5 sampled examples
     )
     with pytest.raises(BuildPoolError, match="biblical: RuntimeError: for good") as info:
         build_pool(second, progress=False)
@@ -270,6 +271,12 @@ def test_builds_train_only_new_or_changed_sources(
     pool = Pool.open(second.pool)
     assert pool.generation == 2 and "biblical" not in pool.sources
     assert pool.manifest["sources"]["sailor"]["metrics"]["run"] == report.sources["sailor"].run
+    sailor = next(t for t in source_tasks(second) if t.name == "sailor")
+    sampled = task_key(sailor.sample(n=5, seed=second.training.seed), featurizer)
+    full = task_key(sailor, featurizer)
+    i = pool.sources.index("sailor")
+    np.testing.assert_allclose(pool.style_keys[i], sampled.style_key, atol=1e-5)
+    assert not np.allclose(pool.style_keys[i], full.style_key, atol=1e-3)
 
 
 # ------------------------------------------------------------------ ray job submit

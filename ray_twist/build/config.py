@@ -134,6 +134,13 @@ class FeaturizerSettings(Settings):
     batch_size: int = Field(default=64, ge=1)
     concurrency: int = Field(default=1, ge=1, description="featurizer actors")
     num_gpus: float = Field(default=0, ge=0, description="GPUs per featurizer actor")
+    key_examples: int | None = Field(
+        default=None,
+        ge=1,
+        description="key each source on a seeded sample of this many of its training examples "
+        "(default all); targets are keyed on at most retrieval.key_examples, and a key is a "
+        "mean of unit embeddings, so a thousand examples fix it well",
+    )
 
 
 class ClusteringSettings(Settings):

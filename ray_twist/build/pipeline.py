@@ -232,8 +232,12 @@ def _commit(
     entries: list[SourceEntry] = []
     with contextlib.ExitStack() as stack:
         if trained:
+            n_key = config.featurizer.key_examples
             keys = task_keys(
-                [task for task, _, _ in trained],
+                [
+                    task if n_key is None else task.sample(n=n_key, seed=config.training.seed)
+                    for task, _, _ in trained
+                ],
                 absolute_model_path(config.featurizer.model),
                 batch_size=config.featurizer.batch_size,
                 concurrency=config.featurizer.concurrency,
