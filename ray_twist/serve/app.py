@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import ray
@@ -87,7 +88,9 @@ class _Slot:
         self._loading = asyncio.Lock()  # concurrent requests for a cold style load it once
         live[name] = self
 
-    async def factors_for(self, style: StyleEntry, load: Any) -> ModuleFactors:
+    async def factors_for(
+        self, style: StyleEntry, load: Callable[[str], Awaitable[ModuleFactors]]
+    ) -> ModuleFactors:
         """The factors of `style` (this slot's style, as the engine now resolves it);
         `load(model_id)` reads them on a miss."""
         async with self._loading:
@@ -159,7 +162,7 @@ class Generator:
         self.engine = Engine(config)
         self.loads, self.slots = 0, 0
         self.cached: dict[str, _Slot] = {}
-        self.served: Counter[str] = Counter()  # adapted-mode requests per style
+        self.served: Counter[str] = Counter()  # adapted-mode requests received, per style
 
         async def slot(name: str) -> _Slot:  # a plain function: Serve keeps its LRU on it
             self.slots += 1
@@ -218,7 +221,7 @@ class Generator:
     def stats(self) -> dict[str, Any]:
         """Replica id, the pool generation it serves, adapters now cached (pool sources as
         name@generation), how many were loaded and evicted, and the adapted-mode requests
-        this replica served per style."""
+        this replica received per style (where the router sent them)."""
         pool = self.engine.pool
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
