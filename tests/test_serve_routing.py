@@ -39,10 +39,8 @@ def world(tiny_backbones, tmp_path_factory, ray_session) -> dict:
 
 
 def _deploy(world: dict, name: str, generator: dict) -> str:
-    """Deploy app `name` at /`name` (both of this module's apps live side by side)."""
     config = {
         "name": name,
-        "route_prefix": f"/{name}",
         "base_model": world["base"],
         "styles": world["styles"],
         "limits": {"max_texts": 4, "max_new_tokens": 12, "default_max_new_tokens": 6},
@@ -164,10 +162,11 @@ def test_generator_autoscales_up_and_down_with_no_failed_request(world) -> None:
     """Short autoscaling delays; 8 clients in a loop keep ~8 requests in flight against a
     target of 2 per replica: the generator goes 1 → 2 replicas; once the load stops it goes
     back to 1. Every request of the load gets a 200."""
+    serve.delete("twist-routing")  # free its CPUs
     app = "twist-scaling"
     url = _deploy(world, app, {"autoscaling": {
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-        "upscale_delay_s": 1, "downscale_delay_s": 1, "look_back_period_s": 1,
+        "upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 1,
         "metrics_interval_s": 0.25}})  # fmt: skip
     try:
         assert _replicas(app) == 1
