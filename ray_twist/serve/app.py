@@ -4,10 +4,25 @@
                                                                     (Engine + adapter LRU,
                                                                      @serve.batch over texts)
 
-Named adapters are cached per replica with `@serve.multiplexed` (LRU, size from the
-config). The ingress does not route by multiplexed model id on purpose: Serve splits a
-`@serve.batch` batch by that id, and the point of the per-row LoRA path is that requests
-for different adapters share one batch and one forward pass.
+Routing and batching. A request for a named adapter (adapted mode) carries the style name as
+Serve's multiplexed model id (`handle.options(multiplexed_model_id=...)`). Each generator
+replica keeps an LRU of adapters with `@serve.multiplexed`, keyed by that name, and Serve
+reports each replica's ids to the routers, so a style's requests go to a replica that
+already holds it (Serve's power-of-two router: a replica with the id; else, or when those
+are busy, the one with the fewest adapters). Instance and mixture requests carry no id:
+their per-sentence weights are computed on the replica, from the payload, and any replica
+serves them.
+
+Serve's `@serve.batch` splits each batch by multiplexed model id and runs the sub-batches
+concurrently (`ray.serve.batching._BatchQueue._process_sub_batches`). Here the batch
+function only hands its works to the replica's pass queue (`_Passes`) and returns futures,
+so the sub-batches of one Serve batch, and every batch that forms while a forward pass
+runs, meet again in the next pass: rows of different adapters and modes still share one
+forward pass (the per-row LoRA path), routed or not.
+
+Metrics (`ray_twist.serve.prometheus`): the generator records requests, latency, rows per
+pass and stage times with `ray.serve.metrics`; `GET /metrics` gathers them with Ray Serve's
+own from the nodes' metrics agents.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves the route signatures of a
@@ -19,11 +34,13 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -43,6 +60,7 @@ from ray_twist.serve.api import (
 )
 from ray_twist.serve.config import ServeConfig
 from ray_twist.serve.engine import Catalog, Engine, StyleEntry, Work
+from ray_twist.serve.prometheus import ReplicaMetrics, scrape
 from ray_twist.settings import ConfigError, format_validation_error, load_yaml
 from ray_twist.storage import absolute, absolute_or_none
 
@@ -55,13 +73,31 @@ _UNAVAILABLE = (
 )
 
 
-class _Cached:
-    """A cached adapter. Serve calls `__del__` when its LRU evicts one (Python may call it
-    again at collection, hence the identity check)."""
+class _Slot:
+    """A named style's place in the replica's adapter LRU, which Serve keys by the style name
+    (the multiplexed model id requests are routed by). It holds the factors of the pool
+    generation it last served (`model_id`: name@generation for a pool source) and reloads
+    when the engine has moved to a newer one; a load that failed leaves it empty, to retry.
+    Serve calls `__del__` when its LRU evicts a slot (Python may call it again at
+    collection, hence the identity check)."""
 
-    def __init__(self, name: str, factors: ModuleFactors, live: dict[str, "_Cached"]) -> None:
-        self.name, self.factors, self._live = name, factors, live
+    def __init__(self, name: str, live: dict[str, "_Slot"]) -> None:
+        self.name, self._live = name, live
+        self.model_id: str | None = None
+        self.factors: ModuleFactors | None = None
+        self._loading = asyncio.Lock()  # concurrent requests for a cold style load it once
         live[name] = self
+
+    async def factors_for(
+        self, style: StyleEntry, load: Callable[[str], Awaitable[ModuleFactors]]
+    ) -> ModuleFactors:
+        """The factors of `style` (this slot's style, as the engine now resolves it);
+        `load(model_id)` reads them on a miss."""
+        async with self._loading:
+            if self.factors is None or self.model_id != style.model_id:
+                self.factors = await load(style.model_id)
+                self.model_id = style.model_id
+            return self.factors
 
     def __del__(self) -> None:
         if self._live.get(self.name) is self:
@@ -79,8 +115,8 @@ class _Passes:
     are dropped before their pass.
     """
 
-    def __init__(self, engine: Engine, max_rows: int) -> None:
-        self.engine, self.max_rows = engine, max_rows
+    def __init__(self, engine: Engine, max_rows: int, metrics: ReplicaMetrics) -> None:
+        self.engine, self.max_rows, self.metrics = engine, max_rows, metrics
         self.queue: list[tuple[Work, asyncio.Future[RestyleResponse]]] = []
         self.runner: asyncio.Task[None] | None = None
 
@@ -109,6 +145,7 @@ class _Passes:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            self.metrics.forward_pass(results[0].timing)
             for (_, future), result in zip(live, results, strict=True):
                 if not future.done():
                     future.set_result(result)
@@ -123,32 +160,58 @@ class Generator:
 
         torch.set_num_threads(max(1, int(config.generator.num_cpus)))
         self.engine = Engine(config)
-        self.loads = 0
-        self.cached: dict[str, _Cached] = {}
+        self.loads, self.slots = 0, 0
+        self.cached: dict[str, _Slot] = {}
+        self.served: Counter[str] = Counter()  # adapted-mode requests received, per style
 
-        async def load(model_id: str) -> _Cached:  # a plain function: Serve keeps its LRU on it
-            factors = await asyncio.to_thread(self.engine.load_adapter, model_id)
-            self.loads += 1
-            return _Cached(model_id, factors, self.cached)
+        async def slot(name: str) -> _Slot:  # a plain function: Serve keeps its LRU on it
+            self.slots += 1
+            return _Slot(name, self.cached)
 
         size = config.generator.max_adapters_per_replica
-        self._adapter = serve.multiplexed(max_num_models_per_replica=size)(load)
+        self._slot = serve.multiplexed(max_num_models_per_replica=size)(slot)
         # the decorator's setters (not in its type): batches are counted in texts
         self._batch.set_max_batch_size(config.batching.max_batch_rows)  # type: ignore[attr-defined]
         self._batch.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
-        self._passes = _Passes(self.engine, config.batching.max_batch_rows)
+        self.metrics = ReplicaMetrics()
+        self._passes = _Passes(self.engine, config.batching.max_batch_rows, self.metrics)
 
     async def restyle(self, request: RestyleRequest) -> RestyleResponse:
         """Check and tokenize one request, then wait for its place in a batch."""
+        start, status = time.perf_counter(), 200
+        try:
+            return await self._restyle(request)
+        except ApiError as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:  # the caller gave up (timed out)
+            status = 499
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.metrics.request(request.mode, status, time.perf_counter() - start)
+
+    async def _restyle(self, request: RestyleRequest) -> RestyleResponse:
         work = self.engine.prepare(request)
         if request.mode == "adapted" and work.style is not None:
+            self.served[work.style.name] += 1
             try:
-                cached = await self._adapter(work.style.model_id)
+                work.adapter = await self._factors(work.style)
             except PoolGenerationGoneError:  # the engine now serves the newest generation
                 work = self.engine.prepare(request)
-                cached = await self._adapter(cast(StyleEntry, work.style).model_id)
-            work.adapter = cached.factors
+                work.adapter = await self._factors(cast(StyleEntry, work.style))
         return await (await self._batch(work))
+
+    async def _factors(self, style: StyleEntry) -> ModuleFactors:
+        slot = await self._slot(style.name)
+        return await slot.factors_for(style, self._load)
+
+    async def _load(self, model_id: str) -> ModuleFactors:
+        factors = await asyncio.to_thread(self.engine.load_adapter, model_id)
+        self.loads += 1
+        return factors
 
     @serve.batch(max_batch_size=32, batch_size_fn=lambda works: sum(len(w.ids) for w in works))
     async def _batch(self, works: list[Work]) -> list[asyncio.Future[RestyleResponse]]:
@@ -157,14 +220,16 @@ class Generator:
 
     def stats(self) -> dict[str, Any]:
         """Replica id, the pool generation it serves, adapters now cached (pool sources as
-        name@generation), and how many were loaded and evicted."""
+        name@generation), how many were loaded and evicted, and the adapted-mode requests
+        this replica received per style (where the router sent them)."""
         pool = self.engine.pool
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "pool_generation": pool.generation if pool is not None else None,
-            "adapters": sorted(self.cached),
+            "adapters": sorted(s.model_id for s in self.cached.values() if s.model_id),
             "loads": self.loads,
-            "evictions": self.loads - len(self.cached),
+            "evictions": self.slots - len(self.cached),
+            "served": dict(self.served),
         }
 
 
@@ -304,7 +369,16 @@ class Ingress:
         limits = self.config.limits
         body = parse_restyle(await _read_body(request, limits.max_body_bytes), limits)
         timeout = body.timeout_s or limits.request_timeout_s
-        return await _answer(self.generator.restyle.remote(body), timeout)
+        return await _answer(self._route(body).restyle.remote(body), timeout)
+
+    def _route(self, body: RestyleRequest) -> DeploymentHandle:
+        """The generator handle for a request: a named adapter's requests carry it as the
+        multiplexed model id, so Serve routes them to a replica that holds it. Only names in
+        the catalog (the router remembers every id it sees); a source a pool commit added
+        after this replica started goes unrouted, to any replica, which serves it too."""
+        if body.mode == "adapted" and body.style in self.catalog.entries:
+            return self.generator.options(multiplexed_model_id=body.style)
+        return self.generator
 
     @api.get("/v1/styles")
     async def styles(self) -> dict[str, Any]:
@@ -330,6 +404,15 @@ class Ingress:
             "clusters": pool.cluster_members,
             "retrieval": self.config.retrieval.model_dump(by_alias=True),
         }
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(self) -> PlainTextResponse:
+        """Prometheus text: this application's `ray_twist_*` metrics (requests, latency,
+        rows per forward pass, retrieval / merge / generate time) and Ray Serve's
+        `ray_serve_*`, as the nodes' metrics agents last exported them (every few seconds).
+        Behind the API keys when they are set, like every route but /healthz and the docs."""
+        text = await scrape(serve.get_replica_context().app_name)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.get("/healthz", responses={503: {"model": ErrorBody}})
     async def healthz(self) -> dict[str, Any]:

@@ -72,11 +72,23 @@ class AutoscalingSettings(Settings):
     target_ongoing_requests: float = Field(default=8.0, gt=0.0)
     upscale_delay_s: float = Field(default=10.0, ge=0.0)
     downscale_delay_s: float = Field(default=300.0, ge=0.0)
+    look_back_period_s: float = Field(
+        default=30.0, gt=0.0, description="the window ongoing requests are averaged over"
+    )
+    metrics_interval_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="how often handles and replicas report their load to the controller "
+        "(deprecated by Ray in favour of environment variables, but in Ray 2.60 still the "
+        "setting the handles use)",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingSettings:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must exceed metrics_interval_s")
         return self
 
 
