@@ -206,7 +206,6 @@ class RestyleRequest(BaseModel):
 class Usage(BaseModel):
     input_tokens: int
     output_tokens: int = Field(description="tokens of the decoded outputs, re-tokenized")
-    output_tokens_per_text: list[int] = Field(description="output_tokens, per text")
 
 
 class Timing(BaseModel):

@@ -163,20 +163,22 @@ class Generator:
         """Check and tokenize one request, then wait for its place in a batch."""
         return await (await self._batch(await self._work(request)))
 
-    async def restyle_stream(self, request: RestyleRequest) -> AsyncIterator[dict[str, Any]]:
+    async def restyle_stream(
+        self, request: RestyleRequest, deltas: bool = True
+    ) -> AsyncIterator[dict[str, Any]]:
         """`restyle`, streamed (a Serve streaming method: call it with `stream=True`):
         {"start": input tokens} once the request is accepted (errors come before it), then
-        {"deltas": [[row, text], ...]} as its rows decode in their shared batch, then
-        {"end": response, "tails": ..., "finish_reasons": ...}. A caller that leaves (Serve
-        cancels this generator) stops its rows at the next decoding step, or drops them
-        from the queue before their pass."""
+        (with `deltas`) {"deltas": [[row, text], ...]} as its rows decode in their shared
+        batch, then {"end": response, "tails": ..., "finish_reasons": ...}. A caller that
+        leaves (Serve cancels this generator) stops its rows at the next decoding step, or
+        drops them from the queue before their pass."""
         work = await self._work(request)
         backbone = self.engine.backbone
         eos = backbone.model.generation_config.eos_token_id
         stream = TextStream(
             backbone.tokenizer, len(work.ids), work.settings.max_new_tokens,
             eos if isinstance(eos, list) else [backbone.tokenizer.eos_token_id if eos is None else eos],
-            asyncio.get_running_loop(),
+            asyncio.get_running_loop(), decode=deltas,
         )  # fmt: skip
         work.watch = stream
         self.streams.append(stream)
@@ -184,8 +186,8 @@ class Generator:
         try:
             result = await self._batch(work)
             result.add_done_callback(lambda _: stream.finish())
-            async for deltas in stream.deltas():
-                yield {"deltas": [[d.row, d.text] for d in deltas]}
+            async for batch in stream.deltas():
+                yield {"deltas": [[d.row, d.text] for d in batch]}
             response = await result
         finally:
             if not stream.finished:
@@ -411,26 +413,33 @@ class Ingress:
         self, request: Request, kind: type[openai_api.CompletionRequest | openai_api.ChatRequest]
     ) -> Any:
         """Translate to a `RestyleRequest`, restyle (or stream), answer in OpenAI's shape."""
-        limits, params = self.config.limits, None
+        limits, params, stream, handed_over = self.config.limits, None, None, False
         try:
             body = await _json_body(request, limits.max_body_bytes)
             translated = openai_api.translate(kind, body, limits, self.catalog)
-            params = translated.params
-            reply = openai_api.Reply(translated, limits.default_max_new_tokens)
-            if not translated.body.stream:
-                restyled = self.generator.restyle.remote(translated.restyle)
-                return reply.whole(await _answer(restyled, limits.request_timeout_s))
-            streaming = self.generator.options(stream=True)
+            params, reply = translated.params, openai_api.Reply(translated)
+            # unstreamed too: the stream's end says how each row finished (eos or length)
+            streaming = self.generator.options(stream=True).restyle_stream
             stream = cast(
-                DeploymentResponseGenerator, streaming.restyle_stream.remote(translated.restyle)
+                DeploymentResponseGenerator,
+                streaming.remote(translated.restyle, translated.body.stream),
             )
-            deadline = time.monotonic() + limits.request_timeout_s
-            await _answer(stream, limits.request_timeout_s, stream.__anext__())  # accepted
+            events = _events(stream, time.monotonic() + limits.request_timeout_s)
+            await anext(events)  # accepted: refusals are HTTP errors, not stream events
+            if translated.body.stream:
+                handed_over = True
+                return StreamingResponse(
+                    _sse(events, stream, reply, params), media_type="text/event-stream"
+                )
+            async for event in events:
+                if "end" in event:
+                    return reply.whole(event["end"], event["finish_reasons"])
+            raise ApiError(503, "unavailable", None, "the generator ended without an answer")
         except ApiError as exc:
             raise openai_api.OpenAIError.of(exc, params) from None
-        return StreamingResponse(
-            _sse(stream, reply, deadline, params), media_type="text/event-stream"
-        )
+        finally:
+            if stream is not None and not handed_over:
+                stream.cancel()  # done, refused, or timed out: nothing left on the replica
 
     @api.get("/v1/styles")
     async def styles(self) -> dict[str, Any]:
@@ -464,10 +473,19 @@ class Ingress:
         return {"status": "ok", "generator": stats["replica"]}
 
 
+async def _events(stream: DeploymentResponseGenerator, deadline: float) -> AsyncIterator[Any]:
+    """A generator stream's items, each awaited as `_answer` awaits (503/504, not a hang)."""
+    while True:
+        try:
+            yield await _answer(stream, deadline - time.monotonic(), stream.__anext__())
+        except StopAsyncIteration:
+            return
+
+
 async def _sse(
+    events: AsyncIterator[Any],
     stream: DeploymentResponseGenerator,
     reply: "openai_api.Reply",
-    deadline: float,
     params: "openai_api.Params",
 ) -> AsyncIterator[bytes]:
     """An accepted stream as OpenAI's server-sent events, ending with `data: [DONE]`; a
@@ -478,11 +496,7 @@ async def _sse(
     try:
         if reply.chat:
             yield sse(reply.chunk(0, None))
-        while True:
-            try:
-                event = await _answer(stream, deadline - time.monotonic(), stream.__anext__())
-            except StopAsyncIteration:
-                break
+        async for event in events:
             if "deltas" in event:
                 for row, text in event["deltas"]:
                     yield sse(reply.chunk(row, text))

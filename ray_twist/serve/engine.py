@@ -280,7 +280,6 @@ class Engine:
         usage = Usage(
             input_tokens=sum(len(row) for row in work.ids),
             output_tokens=sum(len(row) for row in decoded),
-            output_tokens_per_text=[len(row) for row in decoded],
         )
         return RestyleResponse(
             outputs=texts,

@@ -358,10 +358,9 @@ def _twist(response: RestyleResponse) -> dict[str, Any]:
 class Reply:
     """Builds one request's OpenAI responses (whole, or as stream chunks)."""
 
-    def __init__(self, translated: Translated, default_max_new_tokens: int) -> None:
+    def __init__(self, translated: Translated) -> None:
         self.chat = isinstance(translated.body, ChatRequest)
         self.model = translated.body.model
-        self.max_new = translated.restyle.max_new_tokens or default_max_new_tokens
         prefix = "chatcmpl" if self.chat else "cmpl"
         self.id, self.created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
         options = translated.body.stream_options
@@ -370,11 +369,8 @@ class Reply:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def whole(self, response: RestyleResponse) -> dict[str, Any]:
-        """The non-streamed answer; finish_reason "length" when a text's output reached
-        max_tokens (counted as the output re-tokenized)."""
-        counts = response.usage.output_tokens_per_text
-        reasons = ["length" if n >= self.max_new else "stop" for n in counts]
+    def whole(self, response: RestyleResponse, reasons: list[str]) -> dict[str, Any]:
+        """The non-streamed answer, each choice with its finish reason."""
         usage = _usage(response.usage.input_tokens, response.usage.output_tokens)
         if self.chat:
             [text], [reason] = response.outputs, reasons

@@ -32,7 +32,8 @@ class Delta:
 
 
 class TextStream:
-    """One streamed request's rows: tokens in (decoding thread), text deltas out (event loop).
+    """One streamed request's rows: tokens in (decoding thread), text deltas out (event loop);
+    with `decode` False it only follows the rows (each one's finish reason, a caller that left).
 
     A row's text so far is sent only while it extends what was sent (a partly decoded
     multi-byte character is held back); the rest comes with the final text (`tail`).
@@ -45,9 +46,10 @@ class TextStream:
         max_new_tokens: int,
         eos_ids: Sequence[int],
         loop: asyncio.AbstractEventLoop,
+        decode: bool = True,
     ) -> None:
         self.tokenizer, self.max_new_tokens, self.eos = tokenizer, max_new_tokens, set(eos_ids)
-        self.loop = loop
+        self.loop, self.decode = loop, decode  # decode False: count tokens, send no deltas
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.ended = [False] * rows  # eos seen, or stopped after a cancel
         self.sent = [""] * rows
@@ -67,6 +69,8 @@ class TextStream:
                 self.ended[row] = True
                 continue
             self.ids[row].append(token)
+            if not self.decode:
+                continue
             [text] = detokenise(self.tokenizer, [self.ids[row]])  # type: ignore[arg-type]
             sent = self.sent[row]
             if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
