@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.generation import BaseStreamer, StoppingCriteria, StoppingCriteriaList
 
 from ray_twist.backbone import Backbone
 
@@ -29,6 +30,46 @@ class RowAdapter(Protocol):
     rows)` is a context in which `model` runs the adapters of batch rows `rows`."""
 
     def hooked(self, model: Any, rows: slice) -> AbstractContextManager[Any]: ...
+
+
+class TokenWatch(Protocol):
+    """Follows input rows while they decode (serving's token streams), rows counted over the
+    whole `generate_ids` call: `step(start, tokens)` gets the new token of rows `start`,
+    `start + 1`, ... after each decoding step (called on the decoding thread); rows for which
+    `stopped(start, count)` says True stop decoding early (their client left), so a batch
+    whose rows have all stopped ends its forward passes."""
+
+    def step(self, start: int, tokens: list[int]) -> None: ...
+
+    def stopped(self, start: int, count: int) -> list[bool]: ...
+
+
+class _Streamer(BaseStreamer):
+    """Hands a chunk's new tokens to a `TokenWatch` (the first `put` is the prompt, or an
+    encoder-decoder's start tokens, and is skipped)."""
+
+    def __init__(self, watch: TokenWatch, start: int) -> None:
+        self.watch, self.start, self.prompt_seen = watch, start, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.watch.step(self.start, value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+class _Stopped(StoppingCriteria):
+    """Stops the rows of a chunk that a `TokenWatch` no longer wants."""
+
+    def __init__(self, watch: TokenWatch, start: int) -> None:
+        self.watch, self.start = watch, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        stopped = self.watch.stopped(self.start, input_ids.shape[0])
+        return torch.tensor(stopped, dtype=torch.bool, device=input_ids.device)
 
 
 _SPACE_BEFORE = re.compile(r" ([.,;:!?)\]'])")
@@ -128,11 +169,16 @@ def generate_ids(
     settings: GenerationSettings = GenerationSettings(),  # noqa: B008 (frozen)
     batch_size: int = 32,
     row_factors: RowAdapter | None = None,
+    watch: TokenWatch | None = None,
 ) -> list[str]:
     """Decode outputs for already-encoded inputs (see `encode`), `batch_size` rows at a time.
 
     `row_factors` gives every input row its own LoRA (rows of the factors = rows of input).
+    `watch` sees every row's tokens as they are generated and may stop rows early
+    (transformers streams no beam search, so it needs `num_beams` 1).
     """
+    if watch is not None and settings.num_beams != 1:
+        raise ValueError("a token watch (streaming) needs num_beams=1")
     model, tok = backbone.model, backbone.tokenizer
     causal = backbone.family == "causal"
     device = next(model.parameters()).device
@@ -141,6 +187,9 @@ def generate_ids(
         chunk = input_ids[start : start + batch_size]
         ids, mask = pad_inputs(chunk, tok.pad_token_id, left=causal)
         kwargs = settings.kwargs() | {"pad_token_id": tok.pad_token_id}
+        if watch is not None:
+            kwargs["streamer"] = _Streamer(watch, start)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Stopped(watch, start)])
         hooks: AbstractContextManager[Any] = nullcontext()
         if row_factors is not None:
             hooks = row_factors.hooked(model, slice(start, start + len(chunk)))

@@ -34,7 +34,7 @@ import torch
 
 from ray_twist.backbone import Backbone
 from ray_twist.features import Featurizer
-from ray_twist.generation import GenerationSettings, generate_ids
+from ray_twist.generation import GenerationSettings, TokenWatch, generate_ids
 from ray_twist.lora import (
     ROW_MODES,
     Mode,
@@ -59,9 +59,12 @@ class Part:
     """Rows that share a mode, a style and decoding settings.
 
     `style` names the task-level query of pool modes (a key of `Styler.style_keys`; None: the
-    instance level alone). `merge_order` overrides the styler's for instance-mode rows.
-    `adapter` is an adapted-mode row's named adapter; `factors` are per-row factors the
-    caller brings (e.g. a restyle `row_styler`), used instead of retrieval.
+    instance level alone). `retrieval` replaces the styler's settings (λ, τ, top-k, rank,
+    merge order) for this part's rows (a serving request's own); `merge_order` overrides
+    either for instance-mode rows. `adapter` is an adapted-mode row's named adapter;
+    `factors` are per-row factors the caller brings (e.g. a restyle `row_styler`), used
+    instead of retrieval. `watch` follows the part's rows token by token (a streamed
+    request; rows numbered within the part).
     """
 
     texts: list[str]
@@ -72,6 +75,8 @@ class Part:
     adapter: ModuleFactors | None = None
     factors: RowAdapters | None = None
     merge_order: MergeOrder | None = None
+    retrieval: InstanceRetrievalSettings | None = None
+    watch: TokenWatch | None = None
 
 
 @dataclass(frozen=True)
@@ -137,10 +142,16 @@ class Styler:
         """The pool's sources: the columns of every weights array."""
         return self.pool.sources if self.pool is not None else []
 
-    def weights(self, texts: list[str], styles: Sequence[str | None] | None = None) -> np.ndarray:
+    def weights(
+        self,
+        texts: list[str],
+        styles: Sequence[str | None] | None = None,
+        settings: InstanceRetrievalSettings | None = None,
+    ) -> np.ndarray:
         """(T, N) source weights, one row per text; `styles[i]` (a key of `style_keys`)
         makes that style the row's task-level query; None scores the row at the instance
-        level alone (`ray_twist.retrieval.applied_lambda`)."""
+        level alone (`ray_twist.retrieval.applied_lambda`). `settings` (λ, τ, top-k)
+        replace the styler's."""
         if self.pool is None:
             raise ValueError("instance and mixture modes need a weight pool; this styler has none")
         styles = [None] * len(texts) if styles is None else list(styles)
@@ -150,7 +161,7 @@ class Styler:
         if unknown:
             raise ValueError(f"unknown style(s) {unknown}; known: {sorted(self.style_keys)}")
         emb = self.featurizer.encode(texts)
-        p = self.settings
+        p = settings or self.settings
         out = np.zeros((len(texts), len(self.names)))
         styled = np.array([s is not None for s in styles], dtype=bool)
         if styled.any():
@@ -163,17 +174,25 @@ class Styler:
         return out
 
     def row_factors(
-        self, weights: np.ndarray, mode: RowMode = "instance", merge_order: MergeOrder | None = None
+        self,
+        weights: np.ndarray,
+        mode: RowMode = "instance",
+        merge_order: MergeOrder | None = None,
+        rank: int | None = None,
     ) -> RowAdapters:
         """Per-row factors of a pool mode for (T, N) source weights (`MergeSources.rows`), in
-        `merge_order` (None: the settings')."""
+        `merge_order` at `rank` (None: the settings')."""
         p = self.settings
         order = merge_order or p.merge_order
-        return self.sources.rows(torch.from_numpy(weights).float(), mode, p.rank, order)
+        return self.sources.rows(torch.from_numpy(weights).float(), mode, rank or p.rank, order)
+
+    def settings_of(self, part: Part) -> InstanceRetrievalSettings:
+        """The retrieval settings of a part's rows: its own, else the styler's."""
+        return part.retrieval or self.settings
 
     def merge_order(self, part: Part) -> MergeOrder:
-        """The merge order of a part's instance-mode rows: its own, else the settings'."""
-        return part.merge_order or self.settings.merge_order
+        """The merge order of a part's instance-mode rows: its own, else its settings'."""
+        return part.merge_order or self.settings_of(part).merge_order
 
     def check_adapter(self, adapter: ModuleFactors) -> None:
         """Raise (KeyError, ValueError) if a named adapter does not fit the base model."""
@@ -193,8 +212,9 @@ class Styler:
         outputs: list[list[str]] = [[] for _ in parts]
         for group in groups:
             ids = [row for i in group.parts for row in parts[i].ids]
+            watch = _Watches.of([parts[i] for i in group.parts])
             texts = generate_ids(
-                self.backbone, ids, group.settings, batch_size or len(ids), group.factors
+                self.backbone, ids, group.settings, batch_size or len(ids), group.factors, watch
             )
             for i in group.parts:
                 outputs[i], texts = texts[: len(parts[i].ids)], texts[len(parts[i].ids) :]
@@ -208,14 +228,17 @@ class Styler:
             i for i, p in enumerate(parts) if p.mode != "adapted" and p.factors is None and p.ids
         ]
         out: list[np.ndarray | None] = [None] * len(parts)
-        if not need:
-            return out
-        texts = [t for i in need for t in parts[i].texts]
-        styles = [parts[i].style for i in need for _ in parts[i].texts]
-        every = self.weights(texts, styles)
-        offsets = np.cumsum([0] + [len(parts[i].texts) for i in need])
-        for k, i in enumerate(need):
-            out[i] = every[offsets[k] : offsets[k + 1]]
+        by_settings: dict[tuple[float, float, int | None], list[int]] = {}
+        for i in need:  # one pass per distinct (λ, τ, top-k); usually one
+            p = self.settings_of(parts[i])
+            by_settings.setdefault((p.lam, p.tau, p.top_k), []).append(i)
+        for members in by_settings.values():
+            texts = [t for i in members for t in parts[i].texts]
+            styles = [parts[i].style for i in members for _ in parts[i].texts]
+            every = self.weights(texts, styles, self.settings_of(parts[members[0]]))
+            offsets = np.cumsum([0] + [len(parts[i].texts) for i in members])
+            for k, i in enumerate(members):
+                out[i] = every[offsets[k] : offsets[k + 1]]
         return out
 
     def _form(self, index: int, part: Part) -> Hashable:
@@ -228,7 +251,9 @@ class Styler:
             return "explicit" if part.adapter is not None else "none"
         if part.mode == "instance" and self.merge_order(part) != "truncate_then_sum":
             return "explicit"
-        return part.mode  # "instance" here: the truncate_then_sum stack
+        if part.mode == "instance":  # the truncate_then_sum stack of its rank
+            return ("instance", self.settings_of(part).rank)
+        return part.mode
 
     def _groups(self, parts: Sequence[Part], weights: list[np.ndarray | None]) -> list[_Group]:
         """Parts grouped by (factor form, decoding settings), each group's factors built."""
@@ -236,12 +261,16 @@ class Styler:
         for i, part in enumerate(parts):
             if part.ids:
                 keyed.setdefault((self._form(i, part), part.settings), []).append(i)
-        # one batched merge for every explicit instance row, sliced per part below
-        merged = [i for (form, _), group in keyed.items() if form == "explicit" for i in group
-                  if parts[i].mode == "instance"]  # fmt: skip
+        # one batched merge per rank for every explicit instance row, sliced per part below
+        by_rank: dict[int, list[int]] = {}
+        for (form, _), group in keyed.items():
+            for i in group:
+                if form == "explicit" and parts[i].mode == "instance":
+                    by_rank.setdefault(self.settings_of(parts[i]).rank, []).append(i)
         slices: dict[int, RowAdapters] = {}
-        if merged:
-            every = self.row_factors(_stacked(weights, merged), "instance", "sum_then_truncate")
+        for rank, merged in by_rank.items():
+            stacked = _stacked(weights, merged)
+            every = self.row_factors(stacked, "instance", "sum_then_truncate", rank)
             offsets = np.cumsum([0] + [len(parts[i].ids) for i in merged])
             for k, i in enumerate(merged):
                 slices[i] = every.select(slice(int(offsets[k]), int(offsets[k + 1])))
@@ -251,15 +280,43 @@ class Styler:
             if form == "explicit":
                 blocks = [slices[i] if i in slices else _adapter_rows(parts[i]) for i in members]
                 factors = concat_rows(blocks)
-            elif form == "instance":
+            elif isinstance(form, tuple) and form[0] == "instance":
                 stacked = _stacked(weights, members)
-                factors = self.row_factors(stacked, "instance", "truncate_then_sum")
+                factors = self.row_factors(stacked, "instance", "truncate_then_sum", form[1])
             elif form == "mixture":
                 factors = self.row_factors(_stacked(weights, members), "mixture")
             elif form != "none":
                 factors = parts[members[0]].factors
             groups.append(_Group(members, settings, factors))
         return groups
+
+
+class _Watches:
+    """The token watches of a group's parts as one over the group's rows (parts in order)."""
+
+    def __init__(self, spans: list[tuple[int, int, TokenWatch]]) -> None:
+        self.spans = spans  # (first row, rows, the part's watch)
+
+    @classmethod
+    def of(cls, parts: Sequence[Part]) -> _Watches | None:
+        offsets = np.cumsum([0] + [len(p.ids) for p in parts])
+        spans = [(int(offsets[k]), len(p.ids), p.watch) for k, p in enumerate(parts)
+                 if p.watch is not None]  # fmt: skip
+        return cls(spans) if spans else None
+
+    def step(self, start: int, tokens: list[int]) -> None:
+        for first, n, watch in self.spans:
+            lo, hi = max(first, start), min(first + n, start + len(tokens))
+            if lo < hi:
+                watch.step(lo - first, tokens[lo - start : hi - start])
+
+    def stopped(self, start: int, count: int) -> list[bool]:
+        out = [False] * count
+        for first, n, watch in self.spans:
+            lo, hi = max(first, start), min(first + n, start + count)
+            if lo < hi:
+                out[lo - start : hi - start] = watch.stopped(lo - first, hi - lo)
+        return out
 
 
 def _stacked(weights: list[np.ndarray | None], parts: list[int]) -> np.ndarray:

@@ -9,7 +9,7 @@ validators as pydantic validation context.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +24,8 @@ from pydantic import (
 from ray_twist.lora.rows import Mode
 from ray_twist.merge import MergeOrder
 from ray_twist.serve.config import LimitSettings
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -77,6 +79,44 @@ def _text(value: str, info: ValidationInfo) -> str:
 Text = Annotated[str, AfterValidator(_text)]
 
 
+class TwistSettings(BaseModel):
+    """A request's own retrieval settings for instance/mixture modes, in place of the
+    server's `retrieval:` (each one left out keeps the server's), within the server's limits."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    rank: int | None = Field(
+        default=None, ge=1, description="instance mode: merge rank q (≤ limits.max_rank)"
+    )
+    lam: float | None = Field(
+        default=None, alias="lambda", ge=0.0, le=1.0, description="task- vs instance-level λ"
+    )
+    tau: float | None = Field(default=None, description="softmax temperature (≥ limits.min_tau)")
+    top_k: int | None = Field(
+        default=None, ge=1, description="keep the k best sources (≤ the pool's size)"
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = _limits(info).max_rank
+        if value is not None and value > limit:
+            raise ValueError(f"must be <= {limit} on this server")
+        return value
+
+    @field_validator("tau")
+    @classmethod
+    def _tau(cls, value: float | None, info: ValidationInfo) -> float | None:
+        limit = _limits(info).min_tau
+        if value is not None and not value >= limit:
+            raise ValueError(f"must be >= {limit} on this server")
+        return value
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings given, keyed as `InstanceRetrievalSettings` fields."""
+        return self.model_dump(exclude_none=True)
+
+
 class RestyleRequest(BaseModel):
     """POST /v1/restyle. Types are strict: "5" is not a number, 1 is not a boolean."""
 
@@ -100,6 +140,11 @@ class RestyleRequest(BaseModel):
         description="instance mode only: sum_then_truncate (top-q SVD of Σ R_s ΔW_s) or "
         "truncate_then_sum (Σ R_s top-q SVD(ΔW_s)); one of the server's "
         "limits.merge_orders [the server's retrieval.merge_order]",
+    )
+    twist: TwistSettings | None = Field(
+        default=None,
+        description="instance/mixture: this request's rank, λ, τ, top-k [the server's "
+        "retrieval settings]; the response's retrieval_applied echoes them",
     )
     max_new_tokens: int | None = Field(default=None, ge=1, description="default: server's")
     num_beams: int = Field(default=1, ge=1)
@@ -131,6 +176,16 @@ class RestyleRequest(BaseModel):
         allowed = _limits(info).merge_orders
         if value not in allowed:
             raise ValueError(f"{value} is not enabled on this server (merge orders: {allowed})")
+        return value
+
+    @field_validator("twist")
+    @classmethod
+    def _twist(cls, value: TwistSettings | None, info: ValidationInfo) -> TwistSettings | None:
+        mode = info.data.get("mode")
+        if value is not None and mode == "adapted":
+            raise ValueError("twist settings apply to instance and mixture modes only")
+        if value is not None and value.rank is not None and mode == "mixture":
+            raise ValueError("twist.rank applies to instance mode only (mixture does not truncate)")
         return value
 
     @field_validator("max_new_tokens", "num_beams", "temperature", "timeout_s")
@@ -221,8 +276,9 @@ def _validation_error(exc: ValidationError) -> ApiError:
     return ApiError(422, "invalid_request", first["field"], first["message"], details)
 
 
-def parse_restyle(body: bytes, limits: LimitSettings) -> RestyleRequest:
-    """Raw body → validated request, or an ApiError naming the field."""
+def parse_json(body: bytes, model: type[M], limits: LimitSettings | None = None) -> M:
+    """Raw body → a validated `model` (`limits` reach its validators), or an ApiError
+    naming the field."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -230,6 +286,11 @@ def parse_restyle(body: bytes, limits: LimitSettings) -> RestyleRequest:
             400, "invalid_encoding", "body", f"body is not UTF-8 (byte {exc.start})"
         ) from None
     try:
-        return RestyleRequest.model_validate_json(text, context={"limits": limits})
+        return model.model_validate_json(text, context={"limits": limits})
     except ValidationError as exc:
         raise _validation_error(exc) from None
+
+
+def parse_restyle(body: bytes, limits: LimitSettings) -> RestyleRequest:
+    """Raw body → validated request, or an ApiError naming the field."""
+    return parse_json(body, RestyleRequest, limits)

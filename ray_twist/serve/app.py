@@ -34,14 +34,14 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve import Deployment
@@ -51,6 +51,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ray_twist.merge import ModuleFactors
 from ray_twist.pool import Pool, PoolGenerationGoneError
+from ray_twist.serve import openai_api
 from ray_twist.serve.api import (
     ApiError,
     ErrorBody,
@@ -61,6 +62,7 @@ from ray_twist.serve.api import (
 from ray_twist.serve.config import ServeConfig
 from ray_twist.serve.engine import Catalog, Engine, StyleEntry, Work
 from ray_twist.serve.prometheus import ReplicaMetrics, scrape
+from ray_twist.serve.streaming import TextStream
 from ray_twist.settings import ConfigError, format_validation_error, load_yaml
 from ray_twist.storage import absolute, absolute_or_none
 
@@ -119,6 +121,7 @@ class _Passes:
         self.engine, self.max_rows, self.metrics = engine, max_rows, metrics
         self.queue: list[tuple[Work, asyncio.Future[RestyleResponse]]] = []
         self.runner: asyncio.Task[None] | None = None
+        self.running_rows = 0  # rows of the pass in progress
 
     def submit(self, works: list[Work]) -> list[asyncio.Future[RestyleResponse]]:
         loop = asyncio.get_running_loop()
@@ -134,10 +137,11 @@ class _Passes:
             while take < len(self.queue) and rows + len(self.queue[take][0].ids) <= self.max_rows:
                 rows += len(self.queue[take][0].ids)
                 take += 1
-            live = [(w, f) for w, f in self.queue[:take] if not f.done()]
+            live = [(w, f) for w, f in self.queue[:take] if not f.done() and not w.gone()]
             del self.queue[:take]
             if not live:
                 continue
+            self.running_rows = sum(len(w.ids) for w, _ in live)
             try:
                 results = await asyncio.to_thread(self.engine.run, [w for w, _ in live])
             except Exception as exc:  # the whole pass failed: every request in it hears why
@@ -145,6 +149,8 @@ class _Passes:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            finally:
+                self.running_rows = 0
             self.metrics.forward_pass(results[0].timing)
             for (_, future), result in zip(live, results, strict=True):
                 if not future.done():
@@ -175,12 +181,13 @@ class Generator:
         self._batch.set_batch_wait_timeout_s(config.batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.metrics = ReplicaMetrics()
         self._passes = _Passes(self.engine, config.batching.max_batch_rows, self.metrics)
+        self.streams: deque[TextStream] = deque(maxlen=256)  # the latest, for `stats`
 
     async def restyle(self, request: RestyleRequest) -> RestyleResponse:
         """Check and tokenize one request, then wait for its place in a batch."""
         start, status = time.perf_counter(), 200
         try:
-            return await self._restyle(request)
+            return await (await self._batch(await self._work(request)))
         except ApiError as exc:
             status = exc.status
             raise
@@ -193,7 +200,8 @@ class Generator:
         finally:
             self.metrics.request(request.mode, status, time.perf_counter() - start)
 
-    async def _restyle(self, request: RestyleRequest) -> RestyleResponse:
+    async def _work(self, request: RestyleRequest) -> Work:
+        """One request checked and tokenized, with its named adapter (adapted mode)."""
         work = self.engine.prepare(request)
         if request.mode == "adapted" and work.style is not None:
             self.served[work.style.name] += 1
@@ -202,7 +210,42 @@ class Generator:
             except PoolGenerationGoneError:  # the engine now serves the newest generation
                 work = self.engine.prepare(request)
                 work.adapter = await self._factors(cast(StyleEntry, work.style))
-        return await (await self._batch(work))
+        return work
+
+    async def restyle_stream(
+        self, request: RestyleRequest, deltas: bool = True
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`restyle`, streamed (a Serve streaming method: call it with `stream=True`):
+        {"start": input tokens} once the request is accepted (errors come before it), then
+        (with `deltas`) {"deltas": [[row, text], ...]} as its rows decode in their shared
+        batch, then {"end": response, "tails": ..., "finish_reasons": ...}. A caller that
+        leaves (Serve cancels this generator) stops its rows at the next decoding step, or
+        drops them from the queue before their pass."""
+        work = await self._work(request)
+        backbone = self.engine.backbone
+        eos = backbone.model.generation_config.eos_token_id
+        stream = TextStream(
+            backbone.tokenizer, len(work.ids), work.settings.max_new_tokens,
+            eos if isinstance(eos, list) else [backbone.tokenizer.eos_token_id if eos is None else eos],
+            asyncio.get_running_loop(), decode=deltas,
+        )  # fmt: skip
+        work.watch = stream
+        self.streams.append(stream)
+        yield {"start": sum(len(row) for row in work.ids)}
+        try:
+            result = await self._batch(work)
+            result.add_done_callback(lambda _: stream.finish())
+            async for batch in stream.deltas():
+                yield {"deltas": [[d.row, d.text] for d in batch]}
+            response = await result
+        finally:
+            if not stream.finished:
+                stream.cancel()
+        yield {
+            "end": response,
+            "tails": [stream.tail(i, text) for i, text in enumerate(response.outputs)],
+            "finish_reasons": [stream.finish_reason(i) for i in range(len(response.outputs))],
+        }
 
     async def _factors(self, style: StyleEntry) -> ModuleFactors:
         slot = await self._slot(style.name)
@@ -223,6 +266,7 @@ class Generator:
         name@generation), how many were loaded and evicted, and the adapted-mode requests
         this replica received per style (where the router sent them)."""
         pool = self.engine.pool
+        cancelled = [s for s in self.streams if s.cancelled]
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "pool_generation": pool.generation if pool is not None else None,
@@ -230,6 +274,12 @@ class Generator:
             "loads": self.loads,
             "evictions": self.slots - len(self.cached),
             "served": dict(self.served),
+            "queued_rows": sum(
+                len(w.ids) for w, f in self._passes.queue if not f.done() and not w.gone()
+            ),
+            "running_rows": self._passes.running_rows,
+            "streams_cancelled": len(cancelled),
+            "rows_stopped_early": sum(s.stopped_early for s in cancelled),
         }
 
 
@@ -240,6 +290,9 @@ api = FastAPI(
 )
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503, 504)
+}
+_OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": openai_api.ErrorResponse} for code in (400, 401, 404, 413, 415, 503, 504)
 }
 
 
@@ -254,6 +307,7 @@ class _BearerAuth:
     """
 
     PUBLIC = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+    OPENAI = ("/v1/completions", "/v1/chat/completions", "/v1/models")
     digests: tuple[bytes, ...] = ()  # per replica process: set by `Ingress.__init__`
 
     def __init__(self, app: ASGIApp) -> None:
@@ -279,8 +333,9 @@ class _BearerAuth:
             header: bytes | None = dict(scope["headers"]).get(b"authorization")
             presented = header.decode("latin-1") if header is not None else None
             if path not in self.PUBLIC and not self.allows(presented):
-                refused = ApiError(
-                    401, "unauthorized", "authorization",
+                openai = path.startswith(self.OPENAI)  # answered in OpenAI's error shape
+                refused = (openai_api.OpenAIError if openai else ApiError)(
+                    401, "invalid_api_key" if openai else "unauthorized", "authorization",
                     "missing or invalid API key: send the header Authorization: Bearer <key>",
                 )  # fmt: skip
                 response = JSONResponse(
@@ -322,13 +377,33 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """A route's documented JSON body (the routes read the raw body themselves)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+async def _json_body(request: Request, limit: int) -> bytes:
+    """A JSON request's body (415 naming content-type otherwise; 413 past `limit` bytes)."""
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", "content-type", f"{kind} is not JSON")
+    return await _read_body(request, limit)
+
+
 async def _answer(
-    response: DeploymentResponse | DeploymentResponseGenerator, timeout_s: float
+    response: DeploymentResponse | DeploymentResponseGenerator,
+    timeout_s: float,
+    awaited: Awaitable[Any] | None = None,
 ) -> Any:
-    """The generator's answer; Ray failures become 503/504 instead of a hang or a 500."""
-    response = cast(DeploymentResponse, response)  # unary methods only
+    """The generator's answer (or `awaited`, e.g. a stream's next item); Ray failures
+    become 503/504 instead of a hang or a 500."""
     try:
-        return await asyncio.wait_for(response, timeout_s)
+        return await asyncio.wait_for(awaited or cast(DeploymentResponse, response), timeout_s)
     except TimeoutError:
         response.cancel()
         raise ApiError(504, "timeout", None, f"no answer within {timeout_s:g} s") from None
@@ -349,25 +424,18 @@ class Ingress:
         _BearerAuth.use(config.auth.api_keys() if config.auth.enabled else [])
         self._pool = Pool.open(config.pool) if config.pool else None
         self.catalog = Catalog(config, self._pool)
+        self.created = int(time.time())  # the `created` of /v1/models
 
     @api.post(
         "/v1/restyle",
         response_model=RestyleResponse,
         responses=_ERRORS,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": RestyleRequest.model_json_schema()}},
-            }
-        },
+        openapi_extra=_request_body(RestyleRequest),
     )
     async def restyle(self, request: Request) -> Any:
         """Restyle texts with a named adapter, or per sentence with retrieved adapters."""
-        kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
-        if kind != "application/json" and not kind.endswith("+json"):
-            raise ApiError(415, "unsupported_media_type", "content-type", f"{kind} is not JSON")
         limits = self.config.limits
-        body = parse_restyle(await _read_body(request, limits.max_body_bytes), limits)
+        body = parse_restyle(await _json_body(request, limits.max_body_bytes), limits)
         timeout = body.timeout_s or limits.request_timeout_s
         return await _answer(self._route(body).restyle.remote(body), timeout)
 
@@ -379,6 +447,68 @@ class Ingress:
         if body.mode == "adapted" and body.style in self.catalog.entries:
             return self.generator.options(multiplexed_model_id=body.style)
         return self.generator
+
+    @api.post(
+        "/v1/completions",
+        responses=_OPENAI_ERRORS,
+        openapi_extra=_request_body(openai_api.CompletionRequest),
+    )
+    async def completions(self, request: Request) -> Any:
+        """OpenAI-compatible: `prompt` (a string or a list) restyled as `model` says."""
+        return await self._openai(request, openai_api.CompletionRequest)
+
+    @api.post(
+        "/v1/chat/completions",
+        responses=_OPENAI_ERRORS,
+        openapi_extra=_request_body(openai_api.ChatRequest),
+    )
+    async def chat_completions(self, request: Request) -> Any:
+        """OpenAI-compatible: the last user message restyled as `model` says."""
+        return await self._openai(request, openai_api.ChatRequest)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        """OpenAI-compatible: every `model` a request may name (styles and pool modes)."""
+        return {"object": "list", "data": openai_api.models(self.catalog, self.created)}
+
+    @api.get("/v1/models/{model}", responses=_OPENAI_ERRORS)
+    async def model(self, model: str) -> dict[str, Any]:
+        """OpenAI-compatible: one model (404 in OpenAI's shape when unknown)."""
+        openai_api.parse_model(model, self.catalog)
+        [found] = [m for m in openai_api.models(self.catalog, self.created) if m["id"] == model]
+        return found
+
+    async def _openai(
+        self, request: Request, kind: type[openai_api.CompletionRequest | openai_api.ChatRequest]
+    ) -> Any:
+        """Translate to a `RestyleRequest`, restyle (or stream), answer in OpenAI's shape."""
+        limits, params, stream, handed_over = self.config.limits, None, None, False
+        try:
+            body = await _json_body(request, limits.max_body_bytes)
+            translated = openai_api.translate(kind, body, limits, self.catalog)
+            params, reply = translated.params, openai_api.Reply(translated)
+            # unstreamed too: the stream's end says how each row finished (eos or length)
+            streaming = self._route(translated.restyle).options(stream=True).restyle_stream
+            stream = cast(
+                DeploymentResponseGenerator,
+                streaming.remote(translated.restyle, translated.body.stream),
+            )
+            events = _events(stream, time.monotonic() + limits.request_timeout_s)
+            await anext(events)  # accepted: refusals are HTTP errors, not stream events
+            if translated.body.stream:
+                handed_over = True
+                return StreamingResponse(
+                    _sse(events, stream, reply, params), media_type="text/event-stream"
+                )
+            async for event in events:
+                if "end" in event:
+                    return reply.whole(event["end"], event["finish_reasons"])
+            raise ApiError(503, "unavailable", None, "the generator ended without an answer")
+        except ApiError as exc:
+            raise openai_api.OpenAIError.of(exc, params) from None
+        finally:
+            if stream is not None and not handed_over:
+                stream.cancel()  # done, refused, or timed out: nothing left on the replica
 
     @api.get("/v1/styles")
     async def styles(self) -> dict[str, Any]:
@@ -419,6 +549,49 @@ class Ingress:
         """200 when a generator replica answers within 5 s (else 503 or 504)."""
         stats = await _answer(self.generator.stats.remote(), 5.0)
         return {"status": "ok", "generator": stats["replica"]}
+
+
+async def _events(stream: DeploymentResponseGenerator, deadline: float) -> AsyncIterator[Any]:
+    """A generator stream's items, each awaited as `_answer` awaits (503/504, not a hang)."""
+    while True:
+        try:
+            yield await _answer(stream, deadline - time.monotonic(), stream.__anext__())
+        except StopAsyncIteration:
+            return
+
+
+async def _sse(
+    events: AsyncIterator[Any],
+    stream: DeploymentResponseGenerator,
+    reply: "openai_api.Reply",
+    params: "openai_api.Params",
+) -> AsyncIterator[bytes]:
+    """An accepted stream as OpenAI's server-sent events, ending with `data: [DONE]`; a
+    failure mid-stream is an error event. However it ends (a client that disconnects
+    cancels this generator) the generator replica's stream is cancelled, which frees the
+    request's batch slot."""
+    sse = openai_api.sse
+    try:
+        if reply.chat:
+            yield sse(reply.chunk(0, None))
+        async for event in events:
+            if "deltas" in event:
+                for row, text in event["deltas"]:
+                    yield sse(reply.chunk(row, text))
+            elif "end" in event:
+                for row, (tail, reason) in enumerate(
+                    zip(event["tails"], event["finish_reasons"], strict=True)
+                ):
+                    if tail:
+                        yield sse(reply.chunk(row, tail))
+                    yield sse(reply.chunk(row, "", reason))
+                if reply.include_usage:
+                    yield sse(reply.usage_chunk(event["end"]))
+        yield sse("[DONE]")
+    except ApiError as exc:
+        yield sse(openai_api.OpenAIError.of(exc, params).body())
+    finally:
+        stream.cancel()
 
 
 def build_app(config: ServeConfig) -> serve.Application:

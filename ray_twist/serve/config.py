@@ -43,6 +43,12 @@ class LimitSettings(Settings):
     max_temperature: float = Field(default=10.0, gt=0.0)
     max_body_bytes: int = Field(default=1 << 20, ge=64)
     request_timeout_s: float = Field(default=60.0, gt=0.0, description="504 after this long")
+    max_rank: int = Field(
+        default=16, ge=1, description="the highest merge rank a request may ask for (`twist.rank`)"
+    )
+    min_tau: float = Field(
+        default=0.01, gt=0.0, description="the lowest softmax temperature a request may ask for"
+    )
     merge_orders: list[MergeOrder] = Field(
         default_factory=lambda: list(MERGE_ORDERS),
         min_length=1,

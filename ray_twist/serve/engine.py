@@ -31,11 +31,11 @@ from ray_twist import storage
 from ray_twist.backbone import load_backbone
 from ray_twist.data.readers import read_task
 from ray_twist.features import Featurizer, task_key
-from ray_twist.generation import GenerationSettings, encode
+from ray_twist.generation import GenerationSettings, TokenWatch, encode
 from ray_twist.lora import MODES, Mode, read_adapter
 from ray_twist.merge import ModuleFactors
 from ray_twist.pool import Pool, PoolGenerationGoneError
-from ray_twist.retrieval import applied_retrieval
+from ray_twist.retrieval import InstanceRetrievalSettings, applied_retrieval
 from ray_twist.serve.api import (
     ApiError,
     InputError,
@@ -109,13 +109,19 @@ class Catalog:
 
 @dataclass
 class Work:
-    """One validated, tokenized request; `adapter` is set for adapted mode."""
+    """One validated, tokenized request; `adapter` is set for adapted mode, `watch` for a
+    streamed request (it sees the rows' tokens as they decode and can stop them)."""
 
     request: RestyleRequest
     ids: list[list[int]]
     settings: GenerationSettings
     style: StyleEntry | None
     adapter: ModuleFactors | None = None
+    watch: TokenWatch | None = None
+
+    def gone(self) -> bool:
+        """A streamed request whose caller left before its pass: nothing to run."""
+        return self.watch is not None and all(self.watch.stopped(0, len(self.ids)))
 
 
 def read_adapter_uri(uri: str) -> ModuleFactors:
@@ -177,6 +183,11 @@ class Engine:
         """Check what the schema cannot (style, token counts) and tokenize."""
         style = self.catalog.resolve(request.style, request.mode)
         limits = self.config.limits
+        top_k = request.twist.top_k if request.twist is not None else None
+        if top_k is not None and self.pool is not None and top_k > len(self.pool.sources):
+            raise InputError(
+                "twist.top_k", f"{top_k} > the pool's {len(self.pool.sources)} sources"
+            )
         ids = encode(self._front, request.texts)
         for i, row in enumerate(ids):
             if len(row) > limits.max_input_tokens:
@@ -230,7 +241,8 @@ class Engine:
         """Restyle a batch: one retrieval pass, one merge pass, one forward pass per group."""
         parts = [
             Part(w.request.texts, w.ids, w.request.mode, w.settings, w.request.style, w.adapter,
-                 merge_order=w.request.merge_order)
+                 merge_order=w.request.merge_order, retrieval=self._retrieval(w.request),
+                 watch=w.watch)
             for w in works
         ]  # fmt: skip
         with self._lock:  # one generation's styler for the whole batch, even across a reload
@@ -279,9 +291,16 @@ class Engine:
             timing=timing,
         )
 
+    def _retrieval(self, request: RestyleRequest) -> InstanceRetrievalSettings | None:
+        """A request's own retrieval settings (the server's with its `twist` ones), or None."""
+        if request.twist is None or not request.twist.overrides():
+            return None
+        return self.styler.settings.model_copy(update=request.twist.overrides())
+
     def _applied(self, work: Work) -> RetrievalApplied:
         """What a pool-mode request's weights and merges were computed with."""
-        settings, request = self.styler.settings, work.request
+        request = work.request
+        settings = self._retrieval(request) or self.styler.settings
         instance = request.mode == "instance"
         return RetrievalApplied.model_validate(
             {
