@@ -12,8 +12,9 @@ computed on first use (or by `prepare`) and kept: every target merged from the s
 
 Top-k merges cost what a k-source pool costs. `sum_then_truncate` batches whose targets each
 weight at most `SPARSE_FRACTION` of the sources (non-zero weights, e.g. retrieval's top-k)
-build each target's core from its selected sources only (`ray_twist.merge.subset`), the
-others the whole stack's; `truncate_then_sum` and "mixture" rows only touch the columns of
+build each target's core from its selected sources only (`ray_twist.merge.subset`; modules
+of one shape and rank as one batch, `subset_groups`, so a serving batch pays the per-call
+overhead of its linear algebra once, not once per module), the others the whole stack's; `truncate_then_sum` and "mixture" rows only touch the columns of
 sources some target weights non-zero.
 
 Sources may differ in rank (per module, too) and in the modules they train: the merge covers
@@ -116,10 +117,10 @@ class MergeSources:
 
     @functools.cached_property
     def subset_groups(self) -> list[tuple[str, ...]]:
-        """The modules whose top-k merges run as one batch (`subset_group`): modules of one
-        shape and one largest source rank r, in module order, as many per group as keep its
-        block-diagonal cross-Grams within `_GROUP_GRAM_ELEMENTS`; a module alone in its
-        group merges on its own."""
+        """The module groups whose top-k merges run as one batch each (`subset_group`):
+        modules of one shape and one largest source rank r, in module order, as many per
+        group as keep its block-diagonal cross-Grams within `_GROUP_GRAM_ELEMENTS`. A module
+        in no group (alone in its kind, or r·N over the cap) merges on its own."""
         alike: dict[tuple[int, int, int], list[str]] = {}
         for module in self.modules:
             a, b = self._blank[module]
@@ -129,7 +130,7 @@ class MergeSources:
         for (_, _, r), modules in alike.items():
             size = max(1, int(_GROUP_GRAM_ELEMENTS**0.5) // (len(self.names) * r))
             groups += [tuple(modules[i : i + size]) for i in range(0, len(modules), size)]
-        return groups
+        return [group for group in groups if len(group) > 1]
 
     def subset_group(self, modules: tuple[str, ...]) -> SubsetStack:
         """One `SubsetStack` over the (module, source) pairs of same-shape `modules`: module
@@ -143,13 +144,11 @@ class MergeSources:
         return self._subset_groups[modules]
 
     def _merge_subset_groups(self, weights: Tensor, rank: int) -> dict[str, tuple[Tensor, Tensor]]:
-        """Rank-q merges of a sparse batch for every module in a group of more than one,
-        each group in one `SubsetStack.merge_svd` over its modules' targets stacked."""
+        """Rank-q merges of a sparse batch for every module in a group, each group in one
+        `SubsetStack.merge_svd` over its modules' targets stacked."""
         out: dict[str, tuple[Tensor, Tensor]] = {}
         t = weights.shape[0]
         for modules in self.subset_groups:
-            if len(modules) < 2:
-                continue
             grouped = torch.block_diag(*[weights.to(torch.float64)] * len(modules))
             a_t, b_t = self.subset_group(modules).merge_svd(grouped, rank)
             for j, module in enumerate(modules):
@@ -181,8 +180,9 @@ class MergeSources:
     ) -> None:
         """Compute up front (not inside a first request) what merges at `rank` in
         `merge_order` and `rows` in `modes` need: every module's QR stack, its per-source
-        factors and cross-Grams when `top_k` makes merges sparse, each source's top-q SVD
-        for `truncate_then_sum`, the concatenated factors for "mixture"."""
+        factors and cross-Grams (and the module groups') when `top_k` makes merges sparse,
+        each source's top-q SVD for `truncate_then_sum`, the concatenated factors for
+        "mixture"."""
         sparse = top_k is not None and top_k <= SPARSE_FRACTION * len(self.names)
         for module in self.modules:
             self.stack(module)
@@ -192,6 +192,9 @@ class MergeSources:
                 self.truncated(module, rank)
             if "mixture" in modes:
                 self.concatenated(module)
+        if sparse and merge_order == "sum_then_truncate":
+            for modules in self.subset_groups:
+                self.subset_group(modules)
 
     def weights_tensor(self, weights: list[dict[str, float]] | Tensor) -> Tensor:
         """(T, N) weights from a tensor or from {source name → weight} dicts (missing = 0)."""
