@@ -129,3 +129,29 @@ def test_weighted_concatenations_touch_the_selected_columns_only(mode: str) -> N
     merged = sources.merge(w, q, merge_order="truncate_then_sum")
     live = [sum(min(q, r) for r, x in zip(ranks, row, strict=True) if x != 0) for row in w]
     assert [m["m"][0].shape[0] for m in merged] == live
+
+
+def test_same_shape_modules_merge_in_one_batch_as_each_alone(monkeypatch) -> None:
+    """Modules of one shape and rank run their top-k merges as one `SubsetStack` batch
+    (block-diagonal cross-Grams); every module's result is its own merge's, and the dense
+    reference's. Another shape, or a Gram over the size cap, merges on its own."""
+    names, adapters, _ = _pool()
+    g = torch.Generator().manual_seed(3)
+    for i, adapter in enumerate(adapters):  # "o": another shape (rank 2 everywhere)
+        a = torch.randn(2, D_IN, generator=g, dtype=torch.float64)
+        adapter.modules["o"] = (a, torch.randn(D_OUT + 3, 2, generator=g, dtype=torch.float64))
+        assert i == 2 or adapter.modules["n"][0].shape[1] == D_IN
+    sources = MergeSources(names, adapters, dtype=torch.float64)
+    assert sources.subset_groups == [("m", "n")]  # "o" merges alone
+    w = _topk_weights(t=5, k=3)
+    merged = {module: (a, b) for module, a, b in sources.merge_modules(w, 4)}
+    for module in ("m", "n", "o"):
+        a_alone, b_alone = sources.subset(module).merge_svd(w, 4)
+        a_t, b_t = merged[module]
+        assert a_t.shape == a_alone.shape and b_t.shape == b_alone.shape
+        for t in range(len(w)):
+            ref = _dense_topq(sources, module, w[t], 4)
+            assert _rel(b_t[t] @ a_t[t], ref) < 1e-10, (module, t)
+            assert _rel(b_t[t] @ a_t[t], b_alone[t] @ a_alone[t]) < 1e-12, (module, t)
+    monkeypatch.setattr("ray_twist.merge.sources._GROUP_GRAM_ELEMENTS", (N * 6) ** 2)
+    assert MergeSources(names, adapters).subset_groups == []

@@ -228,8 +228,9 @@ def concat_rows(blocks: Sequence[Mapping[str, RowFactors]]) -> RowAdapters:
             if f is None:
                 f = RowFactors(like.a.new_zeros(n, q, like.a.shape[2]),
                                like.b.new_zeros(n, like.b.shape[1], q))  # fmt: skip
-            a_parts.append(nn.functional.pad(f.a, (0, 0, 0, q - f.a.shape[1])))
-            b_parts.append(nn.functional.pad(f.b, (0, q - f.b.shape[2])))
+            pad = q - f.a.shape[1]  # a copy only where the rank falls short
+            a_parts.append(nn.functional.pad(f.a, (0, 0, 0, pad)) if pad else f.a)
+            b_parts.append(nn.functional.pad(f.b, (0, pad)) if pad else f.b)
         out[m] = RowFactors(torch.cat(a_parts), torch.cat(b_parts))
     return out
 

@@ -12,8 +12,9 @@ computed on first use (or by `prepare`) and kept: every target merged from the s
 
 Top-k merges cost what a k-source pool costs. `sum_then_truncate` batches whose targets each
 weight at most `SPARSE_FRACTION` of the sources (non-zero weights, e.g. retrieval's top-k)
-build each target's core from its selected sources only (`ray_twist.merge.subset`), the
-others the whole stack's; `truncate_then_sum` and "mixture" rows only touch the columns of
+build each target's core from its selected sources only (`ray_twist.merge.subset`; modules
+of one shape and rank as one batch, `subset_groups`, so a serving batch pays the per-call
+overhead of its linear algebra once, not once per module), the others the whole stack's; `truncate_then_sum` and "mixture" rows only touch the columns of
 sources some target weights non-zero.
 
 Sources may differ in rank (per module, too) and in the modules they train: the merge covers
@@ -45,6 +46,10 @@ from ray_twist.merge.factored import (
 from ray_twist.merge.subset import SPARSE_FRACTION, SubsetStack, sparse_applies
 
 ModuleFactors = dict[str, tuple[Tensor, Tensor]]
+#: the most elements a module group's block-diagonal cross-Gram (Σ N·r_max)² may have
+#: (`MergeSources.subset_groups`): 2²² float32, 16 MiB per side; larger pools merge one
+#: module at a time, where the per-call overhead a group saves is small against the work
+_GROUP_GRAM_ELEMENTS = 1 << 22
 S = TypeVar("S")
 
 
@@ -81,6 +86,7 @@ class MergeSources:
         self._stacks: dict[str, FactorStack] = {}
         self._truncated: dict[tuple[str, int], TruncatedStack] = {}
         self._subsets: dict[str, SubsetStack] = {}
+        self._subset_groups: dict[tuple[str, ...], SubsetStack] = {}
         self._concatenated: dict[str, tuple[Tensor, Tensor]] = {}
 
     @property
@@ -109,6 +115,46 @@ class MergeSources:
         """The module's per-source factors and cross-Grams for top-k merges (cached)."""
         return self._built(self._subsets, module, module, SubsetStack.from_factors)
 
+    @functools.cached_property
+    def subset_groups(self) -> list[tuple[str, ...]]:
+        """The module groups whose top-k merges run as one batch each (`subset_group`):
+        modules of one shape and one largest source rank r, in module order, as many per
+        group as keep its block-diagonal cross-Grams within `_GROUP_GRAM_ELEMENTS`. A module
+        in no group (alone in its kind, or r·N over the cap) merges on its own."""
+        alike: dict[tuple[int, int, int], list[str]] = {}
+        for module in self.modules:
+            a, b = self._blank[module]
+            r = max(1, *(int(x.shape[0]) for x in self.factors(module)[0]))
+            alike.setdefault((int(b.shape[0]), int(a.shape[1]), r), []).append(module)
+        groups = []
+        for (_, _, r), modules in alike.items():
+            size = max(1, int(_GROUP_GRAM_ELEMENTS**0.5) // (len(self.names) * r))
+            groups += [tuple(modules[i : i + size]) for i in range(0, len(modules), size)]
+        return [group for group in groups if len(group) > 1]
+
+    def subset_group(self, modules: tuple[str, ...]) -> SubsetStack:
+        """One `SubsetStack` over the (module, source) pairs of same-shape `modules`: module
+        j's source s is source j·N + s, and the cross-Grams are block-diagonal (a target
+        selects sources of one module only, so no cross-module block is ever read). Every
+        module's targets then merge in one batched pass instead of one pass per module —
+        the same per-target maths, at a fraction of the per-call overhead (cached)."""
+        if modules not in self._subset_groups:
+            stacks = [self.subset(m) for m in modules]
+            self._subset_groups[modules] = _stacked_subsets(stacks)
+        return self._subset_groups[modules]
+
+    def _merge_subset_groups(self, weights: Tensor, rank: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """Rank-q merges of a sparse batch for every module in a group, each group in one
+        `SubsetStack.merge_svd` over its modules' targets stacked."""
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        t = weights.shape[0]
+        for modules in self.subset_groups:
+            grouped = torch.block_diag(*[weights.to(torch.float64)] * len(modules))
+            a_t, b_t = self.subset_group(modules).merge_svd(grouped, rank)
+            for j, module in enumerate(modules):
+                out[module] = (a_t[j * t : (j + 1) * t], b_t[j * t : (j + 1) * t])
+        return out
+
     def truncated(self, module: str, rank: int) -> TruncatedStack:
         """The module's sources each truncated to top-`rank` SVD, concatenated (cached)."""
         build = functools.partial(TruncatedStack.from_factors, rank=rank)
@@ -134,8 +180,9 @@ class MergeSources:
     ) -> None:
         """Compute up front (not inside a first request) what merges at `rank` in
         `merge_order` and `rows` in `modes` need: every module's QR stack, its per-source
-        factors and cross-Grams when `top_k` makes merges sparse, each source's top-q SVD
-        for `truncate_then_sum`, the concatenated factors for "mixture"."""
+        factors and cross-Grams (and the module groups') when `top_k` makes merges sparse,
+        each source's top-q SVD for `truncate_then_sum`, the concatenated factors for
+        "mixture"."""
         sparse = top_k is not None and top_k <= SPARSE_FRACTION * len(self.names)
         for module in self.modules:
             self.stack(module)
@@ -145,6 +192,9 @@ class MergeSources:
                 self.truncated(module, rank)
             if "mixture" in modes:
                 self.concatenated(module)
+        if sparse and merge_order == "sum_then_truncate":
+            for modules in self.subset_groups:
+                self.subset_group(modules)
 
     def weights_tensor(self, weights: list[dict[str, float]] | Tensor) -> Tensor:
         """(T, N) weights from a tensor or from {source name → weight} dicts (missing = 0)."""
@@ -164,8 +214,14 @@ class MergeSources:
     ) -> Iterator[tuple[str, Tensor, Tensor]]:
         """Yield (module, A_t (T,q,d_in), B_t (T,d_out,q)) one module at a time; with
         `truncate_then_sum` the rank is Σ_s min(q, r_s) for every target (see `merge`)."""
+        sparse = method == "svd" and sparse_applies(weights, len(self.names))
+        grouped = {}
+        if sparse and merge_order == "sum_then_truncate":
+            grouped = self._merge_subset_groups(weights, rank)
         for module in self.modules:
-            if method == "dense-svd":
+            if module in grouped:
+                a_t, b_t = grouped[module]
+            elif method == "dense-svd":
                 a_list, b_list = self.factors(module)
                 a_t, b_t = merge_lora_factors(
                     a_list, b_list, weights, rank, method=method, merge_order=merge_order
@@ -175,7 +231,7 @@ class MergeSources:
                     [], [], weights, rank, method=method, merge_order=merge_order,
                     truncated=self.truncated(module, rank),
                 )  # fmt: skip
-            elif method == "svd" and sparse_applies(weights, len(self.names)):
+            elif sparse:
                 a_t, b_t = self.subset(module).merge_svd(weights, rank)
             else:
                 stack = self.stack(module)
@@ -259,6 +315,29 @@ class MergeSources:
                 stack = self.truncated(module, rank)
                 out[module] = _used_columns(stack.a, stack.b, stack.column_weights(w.to(stack.a)))
         return out
+
+
+def _stacked_subsets(stacks: list[SubsetStack]) -> SubsetStack:
+    """Same-shape modules' `SubsetStack`s as one over their (module, source) pairs: bases,
+    cores and live columns concatenated (one all-zero padding source at the end), the
+    cross-Grams block-diagonal (zero between modules: never gathered)."""
+    n = stacks[0].n_sources
+    grams = []
+    for side in ("g_b", "g_a"):
+        blocks = [getattr(s, side) for s in stacks]
+        gram = blocks[0].new_zeros(len(stacks) * n, len(stacks) * n, *blocks[0].shape[2:])
+        for j, block in enumerate(blocks):
+            gram[j * n : (j + 1) * n, j * n : (j + 1) * n] = block
+        grams.append(gram)
+    return SubsetStack(
+        torch.cat([s.q_b[:n] for s in stacks] + [stacks[0].q_b[n:]]),
+        torch.cat([s.q_a[:n] for s in stacks] + [stacks[0].q_a[n:]]),
+        torch.cat([s.cores for s in stacks]),
+        grams[0],
+        grams[1],
+        torch.cat([s.live[:n] for s in stacks] + [stacks[0].live[n:]]),
+        tuple(r for s in stacks for r in s.ranks),
+    )
 
 
 def _used_columns(a: Tensor, b: Tensor, scale: Tensor) -> RowFactors:
