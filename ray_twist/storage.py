@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 import urllib.parse
@@ -185,3 +186,42 @@ def local_dir(uri: str | Path) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="ray-twist-") as tmp:
         download_dir(uri, tmp)
         yield tmp
+
+
+@contextlib.contextmanager
+def staged_dir(uri: str, last: str) -> Iterator[Path]:
+    """`with staged_dir(uri, last) as d:` fill the local directory `d`; on a clean exit it
+    becomes `uri` so that no reader sees it half-written, and a crash leaves any previous
+    version whole (a killed writer of one adapter of a thousand must not leave a file that
+    looks finished). Local: `d` is a sibling staging dir renamed into place (a previous
+    version is moved aside first, then removed; a stale staging dir of a killed writer is
+    cleared). Object stores have no rename: the previous `last` file is deleted, every other
+    file is uploaded, then `last` — the record whose presence marks the directory complete.
+    One writer per `uri` at a time."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        target = Path(path)
+        stage = target.with_name(f".{target.name}.staging")
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        try:
+            yield stage
+            if target.exists():
+                old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+                os.replace(target, old)
+                os.replace(stage, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(stage, target)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="ray-twist-") as tmp:
+        yield Path(tmp)
+        record = Path(tmp) / last
+        data = record.read_bytes()
+        record.unlink()
+        if fs.get_file_info(f"{path}/{last}").type != pafs.FileType.NotFound:
+            fs.delete_file(f"{path}/{last}")
+        upload_dir(tmp, uri)
+        write_bytes(join(uri, last), data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -72,3 +73,47 @@ def test_job_config_errors_name_the_key(tmp_path, capsys) -> None:
     config.write_text(yaml.safe_dump({"pool": "p", "targets": "t", "out": "o", "rank": 0}))
     assert merge_targets_job.main(["--config", str(config)]) == 2
     assert "bad.yaml: rank" in capsys.readouterr().err
+
+
+def _tensors(uri: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(uri / "adapter_model.safetensors"))
+
+
+def test_distributed_merge_targets_equals_in_process_and_resumes(
+    t5_pool, ray_session, tmp_path
+) -> None:
+    """Chunks as parallel Ray tasks and targets featurized on Ray Data write exactly the
+    in-process adapters; after one is deleted, one truncated, one's record garbled and a
+    killed writer's staging dir left behind, a re-run redoes those three only."""
+    from ray_twist.data import make_task, write_task_jsonl
+    from ray_twist.initialise import RETRIEVAL_FILE, TargetSpec, merge_targets
+
+    pool = Pool.open(t5_pool[0])
+    g = torch.Generator().manual_seed(2)
+    specs = [TargetSpec(f"w{i:02d}", dict(zip(pool.sources, torch.rand(3, generator=g).tolist(),
+                                                strict=True))) for i in range(10)]  # fmt: skip
+    for i, style in enumerate(["pirate", "formal"]):
+        data = write_task_jsonl(make_task(style, 6, seed=9 + i), tmp_path / f"{style}.jsonl")
+        specs.insert(3 * i, TargetSpec(f"d-{style}", data=data))
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    merge_targets(pool, specs, str(ref), 2, chunk_size=3)
+    merge_targets(pool, specs, str(out), 2, chunk_size=3, concurrency=2)
+
+    def same(name: str) -> bool:
+        got, want = _tensors(out / name), _tensors(ref / name)
+        return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    assert all(same(s.name) for s in specs)
+    inode = {s.name: (out / s.name).stat().st_ino for s in specs}
+    shutil.rmtree(out / "w00")
+    weights = out / "d-formal" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    (out / "w05" / RETRIEVAL_FILE).write_text("{not json")
+    (out / ".w00.staging").mkdir()  # a writer killed mid-target: never mistaken for output
+    merge_targets(pool, specs, str(out), 2, chunk_size=3, concurrency=2)
+    assert all(same(s.name) for s in specs)
+    rewritten = {s.name for s in specs if (out / s.name).stat().st_ino != inode[s.name]}
+    assert rewritten - {"w00"} == {"w05", "d-formal"}  # w00's new inode number may be reused
+    assert (out / "w00").is_dir() and not (out / ".w00.staging").exists()
