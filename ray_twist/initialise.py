@@ -7,6 +7,10 @@ each module (and, for `merge_order="truncate_then_sum"`, each source's top-q SVD
 once per pool generation and reused by every chunk and call. The merge order comes from the
 retrieval settings (`RetrievalSettings.merge_order`); with `truncate_then_sum` an adapter's
 rank is Σ_s min(q, r_s) over the sources it weights non-zero, not q (`ray_twist.merge`).
+
+At cluster scale `merge_targets(concurrency=n)` featurizes data targets on Ray Data and
+merges the chunks as parallel Ray tasks. Every adapter is written whole or not at all (its
+record last, listing the files' sizes), so a re-run skips exactly the finished targets.
 """
 
 from __future__ import annotations

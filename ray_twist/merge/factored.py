@@ -6,7 +6,9 @@ columns. One QR per module and pool, B = Q_B R_B and Aᵀ = Q_A R_A, turns it in
 Q_B (R_B D(w) R_Aᵀ) Q_Aᵀ: the SVD of the delta is the SVD of the small core C = R_B D(w) R_Aᵀ.
 
 The top-q singular triplets of a batch of cores come from one batched `eigh` of C Cᵀ (on the
-CPU even when the factors live on a GPU), then B_t = Q_B U_q Σ_q^½ and
+CPU when the factors live on a GPU and C is wider than 32, unless the Rayleigh–Ritz solver
+`top_eigh_subspace` applies: CUDA's batched `eigh` is batched only up to 32×32), then
+B_t = Q_B U_q Σ_q^½ and
 A_t = Σ_q^-½ U_qᵀ C Q_Aᵀ = Σ_q^½ V_qᵀ Q_Aᵀ. The cores are summed in float64 (weights may
 cancel), the Gram matrix and its `eigh` run at the stack's precision: in float32 (the
 default) twice as fast as float64 on the CPU, ≈5e-6 relative error on the merged delta.
