@@ -55,9 +55,10 @@ def retrieval_weights(
 
 
 def _write_one(out_uri: str, factors: dict, template: dict, meta: dict, dtype: torch.dtype) -> str:
-    """Write an adapter dir plus its retrieval record, locally or to an object store, whole
-    or not at all (`storage.staged_dir`): the record goes last and lists the adapter files'
-    sizes, so `adapter_finished` can tell a complete adapter from a killed writer's."""
+    """Write an adapter dir plus its retrieval record, locally or to an object store, so
+    that the record exists only over whole files (`storage.staged_dir`): it goes in last and
+    lists the adapter files' sizes, so `adapter_finished` tells a complete adapter from a
+    killed writer's."""
     with storage.staged_dir(out_uri, RETRIEVAL_FILE) as stage:
         write_adapter(stage, factors, template, dtype=dtype)
         files = {f.name: f.stat().st_size for f in sorted(stage.iterdir()) if f.is_file()}

@@ -190,38 +190,31 @@ def local_dir(uri: str | Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def staged_dir(uri: str, last: str) -> Iterator[Path]:
-    """`with staged_dir(uri, last) as d:` fill the local directory `d`; on a clean exit it
-    becomes `uri` so that no reader sees it half-written, and a crash leaves any previous
-    version whole (a killed writer of one adapter of a thousand must not leave a file that
-    looks finished). Local: `d` is a sibling staging dir renamed into place (a previous
-    version is moved aside first, then removed; a stale staging dir of a killed writer is
-    cleared). Object stores have no rename: the previous `last` file is deleted, every other
-    file is uploaded, then `last` — the record whose presence marks the directory complete.
-    One writer per `uri` at a time."""
+    """`with staged_dir(uri, last) as d:` fill the local directory `d`; on a clean exit its
+    files land in `uri` so that `last` (the record whose presence marks the directory
+    complete) exists only once every other file is whole: the old `last` is deleted first,
+    each file is replaced atomically (local: renamed from a sibling staging dir on the same
+    filesystem; object stores: one PUT each), `last` goes in after them. A killed writer
+    leaves no `last`, so readers that check it (e.g. to resume) never take a half-written
+    directory for a finished one; other files already in `uri` are left alone. Local: a
+    stale staging dir of a killed writer is cleared. One writer per `uri` at a time."""
     fs, path = resolve(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        target = Path(path)
-        stage = target.with_name(f".{target.name}.staging")
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
-        try:
-            yield stage
-            if target.exists():
-                old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
-                os.replace(target, old)
-                os.replace(stage, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(stage, target)
-        finally:
+    local = isinstance(fs, pafs.LocalFileSystem)
+    with contextlib.ExitStack() as stack:
+        if local:
+            stage = Path(path).with_name(f".{Path(path).name}.staging")
             shutil.rmtree(stage, ignore_errors=True)
-        return
-    with tempfile.TemporaryDirectory(prefix="ray-twist-") as tmp:
-        yield Path(tmp)
-        record = Path(tmp) / last
-        data = record.read_bytes()
-        record.unlink()
+            stage.mkdir(parents=True)
+            stack.callback(shutil.rmtree, stage, True)
+        else:
+            stage = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ray-twist-")))
+        yield stage
+        files = sorted(f for f in stage.iterdir() if f.is_file() and f.name != last)
         if fs.get_file_info(f"{path}/{last}").type != pafs.FileType.NotFound:
             fs.delete_file(f"{path}/{last}")
-        upload_dir(tmp, uri)
-        write_bytes(join(uri, last), data)
+        for f in [*files, stage / last]:
+            if local:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                os.replace(f, Path(path) / f.name)
+            else:
+                write_bytes(join(uri, f.name), f.read_bytes())
