@@ -3,8 +3,10 @@
     ray job submit --working-dir . -- python jobs/merge_targets.py \
         --config jobs/configs/merge_targets.yaml
 
-Thin: parse the config, run `ray_twist.initialise.run_merge_targets` as one Ray task (holding a
-GPU when `num_gpus > 0`, so the QR factors and batched core SVDs run on CUDA), print.
+Thin: parse the config, run `ray_twist.initialise.run_merge_targets`: with `concurrency: n`
+here, on the driver, which featurizes on Ray Data and merges chunks of targets as up to n
+parallel Ray tasks; otherwise as one Ray task. Either holds `num_gpus` (CUDA merges). A
+re-run skips the targets already written.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     paths = {k: storage.absolute(getattr(cfg, k)) for k in ("pool", "targets", "out")}
     cfg = cfg.model_copy(update=paths)
     ray.init(ignore_reinit_error=True)
-    task = ray.remote(num_gpus=cfg.num_gpus, num_cpus=1)(run_merge_targets)
-    written = ray.get(task.remote(cfg))
+    if cfg.concurrency:
+        written = run_merge_targets(cfg)
+    else:
+        task = ray.remote(num_gpus=cfg.num_gpus, num_cpus=1)(run_merge_targets)
+        written = ray.get(task.remote(cfg))
     print(f"wrote {len(written)} adapters under {cfg.out}")
     return 0
 

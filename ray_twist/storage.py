@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 import urllib.parse
@@ -185,3 +186,35 @@ def local_dir(uri: str | Path) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="ray-twist-") as tmp:
         download_dir(uri, tmp)
         yield tmp
+
+
+@contextlib.contextmanager
+def staged_dir(uri: str, last: str) -> Iterator[Path]:
+    """`with staged_dir(uri, last) as d:` fill the local directory `d`; on a clean exit its
+    files land in `uri` so that `last` (the record whose presence marks the directory
+    complete) exists only once every other file is whole: the old `last` is deleted first,
+    each file is replaced atomically (local: renamed from a sibling staging dir on the same
+    filesystem; object stores: one PUT each), `last` goes in after them. A killed writer
+    leaves no `last`, so readers that check it (e.g. to resume) never take a half-written
+    directory for a finished one; other files already in `uri` are left alone. Local: a
+    stale staging dir of a killed writer is cleared. One writer per `uri` at a time."""
+    fs, path = resolve(uri)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    with contextlib.ExitStack() as stack:
+        if local:
+            stage = Path(path).with_name(f".{Path(path).name}.staging")
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir(parents=True)
+            stack.callback(shutil.rmtree, stage, True)
+        else:
+            stage = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ray-twist-")))
+        yield stage
+        files = sorted(f for f in stage.iterdir() if f.is_file() and f.name != last)
+        if fs.get_file_info(f"{path}/{last}").type != pafs.FileType.NotFound:
+            fs.delete_file(f"{path}/{last}")
+        for f in [*files, stage / last]:
+            if local:
+                Path(path).mkdir(parents=True, exist_ok=True)
+                os.replace(f, Path(path) / f.name)
+            else:
+                write_bytes(join(uri, f.name), f.read_bytes())
