@@ -236,8 +236,11 @@ def test_killed_driver_resumes_a_many_range_jsonl_read_exactly_once(
     finally:
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
-    time.sleep(1.0)  # its actors die with it
-    partial = _written(out)
+    partial, settled = -1, time.monotonic()
+    while time.monotonic() - settled < 2.0:  # its actors die with it: no part lands later
+        if _written(out) != partial:
+            partial, settled = _written(out), time.monotonic()
+        time.sleep(0.2)
     total = len(GOOD) + len(JSONL_BAD)
     assert 0 < partial < len(GOOD)
     assert json.loads((out / SUMMARY_FILE).read_text())["status"] == "running"
