@@ -4,8 +4,13 @@ kept; instance mode over a pool equal, row by row, to PEFT with that row's merge
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +32,12 @@ from ray_twist.merge import MergeSources
 from ray_twist.pool import Pool, SourceEntry, add_sources, pool_merge_sources
 from ray_twist.restyle import (
     SUMMARY_FILE,
-    done_ids,
     restyle_corpus,
     text_id,
 )
-from ray_twist.restyle.actor import RestyleJob, _styler
+from ray_twist.restyle.actor import RestyleJob, Restyler, _styler
 from ray_twist.restyle.config import RestyleCorpusConfig
-from ray_twist.restyle.inputs import _line_rows
+from ray_twist.restyle.inputs import _parse_line
 from ray_twist.retrieval import InstanceRetrievalSettings
 from ray_twist.settings import load_yaml
 
@@ -56,6 +60,11 @@ def _errors(uri: Path) -> dict[str, str]:
     return dict(
         zip(table.column("id").to_pylist(), table.column("reason").to_pylist(), strict=True)
     )
+
+
+def _written(uri: Path) -> int:
+    """Rows in the output parts written so far (what a resumed run must skip)."""
+    return pq.read_table(uri).num_rows if any(uri.glob("part-*.parquet")) else 0
 
 
 def _adapted(base: str, adapter: str) -> Backbone:
@@ -105,6 +114,9 @@ def test_full_run_is_complete_and_equals_generate(setup, full_run) -> None:
     assert any(expected) and len(set(expected)) > 1
 
     errors = _errors(out)
+    where = pq.read_table(out / "_errors").sort_by("id")  # Parquet: the row in its file
+    assert set(where.column("file").to_pylist()) == {f"{setup['root']}/corpus.parquet"}
+    assert where.column("line").to_pylist() == [len(GOOD) + k + 1 for k in range(len(BAD))]
     assert errors["b0"] == "missing text (null)"
     assert errors["b1"] == errors["b2"] == "empty text"
     assert errors["b3"].startswith("too long:") and "max_input_tokens=32" in errors["b3"]
@@ -124,7 +136,7 @@ def test_killed_run_resumes_to_the_same_output(setup, full_run) -> None:
     with pytest.raises(Exception, match="_errors"):
         restyle_corpus(*args, **RUN)
     (out / "_errors").unlink()
-    partial = len(done_ids(str(out)))  # ids in output parts written before the failure
+    partial = _written(out)  # rows in output parts written before the failure
     n = len(GOOD) + len(BAD)
     assert 0 < partial < n
     assert json.loads((out / SUMMARY_FILE).read_text())["status"] == "running"
@@ -157,8 +169,8 @@ def test_text_lines_and_jsonl_records_keep_bad_ones_as_errors(setup, ray_session
         json.dumps({"id": "j", "text": None}),
         b"\xff".decode("latin-1"),
     ]
-    data = "\n".join(jsonl).encode("latin-1")
-    records = _line_rows({"bytes": data}, "jsonl", "text", "id")
+    lines = [line.encode("latin-1") for line in jsonl]
+    records = [r for line in lines if (r := _parse_line(line, "jsonl", "text", "id"))]
     assert [(r["id"], r["reason"]) for r in records] == [
         (text_id(GOOD[2]), None),
         (text_id("{not json"), "invalid JSON line: Expecting property name enclosed in double "
@@ -168,6 +180,115 @@ def test_text_lines_and_jsonl_records_keep_bad_ones_as_errors(setup, ray_session
         ("j", "missing text (null)"),
         (text_id("\ufffd"), "undecodable: not UTF-8 at byte 0"),
     ]  # fmt: skip
+
+
+# a JSONL corpus of the GOOD rows with bad lines between them: {line number: (id, reason)}
+JSONL_BAD = {
+    3: ("x1", "missing text (null)"),
+    8: (text_id("{oops"), "invalid JSON line: Expecting property name enclosed in double "
+        "quotes: line 1 column 2 (char 1)"),
+    19: ("x2", "text is a int, not a string"),
+    27: (text_id("[1]"), "JSON line is a list, not an object"),
+}  # fmt: skip
+_KILLED_DRIVER = """
+import sys, ray
+from ray_twist.restyle import restyle_corpus
+ray.init(address=sys.argv[1], log_to_driver=False)
+restyle_corpus(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], batch_size=4,
+               max_new_tokens=6, max_input_tokens=32, rows_per_part=1, read_range_bytes=97)
+"""
+
+
+def _bad_jsonl(path: Path) -> None:
+    lines, good = [], iter(enumerate(GOOD))
+    while len(lines) < len(GOOD) + len(JSONL_BAD) + 1:
+        number = len(lines) + 1
+        if number in JSONL_BAD:
+            key = JSONL_BAD[number][0]
+            bad = {3: {"id": key, "text": None}, 19: {"id": key, "text": 5}}
+            lines.append(json.dumps(bad[number]) if number in bad else
+                         "{oops" if number == 8 else "[1]")  # fmt: skip
+        elif number == 12:
+            lines.append("   ")  # a blank line is no record, but still a line
+        else:
+            i, text = next(good)
+            lines.append(json.dumps({"id": f"r{i:02d}", "text": text}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_killed_driver_resumes_a_many_range_jsonl_read_exactly_once(
+    setup, full_run, ray_session, tmp_path
+) -> None:
+    """One JSONL file read as many ranges (97 bytes each), its driver killed from outside
+    mid-run, then resumed with other ranges (250 bytes): every row written exactly once,
+    each equal to the single-range Parquet run of the same rows, the finished lines skipped,
+    and each bad line in `_errors/` with its file and line number."""
+    source, out = tmp_path / "bad.jsonl", tmp_path / "out"
+    _bad_jsonl(source)
+    address = ray_session.get_runtime_context().gcs_address
+    args = [str(source), str(out), setup["base"], setup["adapter"]]
+    driver = subprocess.Popen([sys.executable, "-c", _KILLED_DRIVER, address, *args])
+    try:
+        deadline = time.monotonic() + 240
+        while not _written(out) and time.monotonic() < deadline:  # a part with rows
+            assert driver.poll() is None, "the driver ended before writing a part"
+            time.sleep(0.02)
+    finally:
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    partial, settled = -1, time.monotonic()
+    while time.monotonic() - settled < 2.0:  # its actors die with it: no part lands later
+        if _written(out) != partial:
+            partial, settled = _written(out), time.monotonic()
+        time.sleep(0.2)
+    total = len(GOOD) + len(JSONL_BAD)
+    assert 0 < partial < len(GOOD)
+    assert json.loads((out / SUMMARY_FILE).read_text())["status"] == "running"
+
+    summary = restyle_corpus(*args, batch_size=4, max_new_tokens=6, max_input_tokens=32,
+                             rows_per_part=6, read_range_bytes=250)  # fmt: skip
+    assert summary["rows_in"] == total and summary["rows_skipped_existing"] >= partial
+    assert summary["rows_processed"] == total - summary["rows_skipped_existing"]
+    table = _output(out)
+    assert table.num_rows == len(GOOD)  # exactly once
+    assert table.select(["id", "input", "output"]).equals(
+        _output(full_run[0]).select(["id", "input", "output"])
+    )
+    errors = pq.read_table(out / "_errors").sort_by("line")
+    assert errors.num_rows == len(JSONL_BAD)
+    assert set(errors.column("file").to_pylist()) == {str(source)}
+    got = zip(errors.column("line").to_pylist(), errors.column("id").to_pylist(),
+              errors.column("reason").to_pylist(), strict=True)  # fmt: skip
+    assert {line: (key, reason) for line, key, reason in got} == JSONL_BAD
+
+
+def test_a_small_merge_budget_restyles_like_a_large_one(t5_pool, ray_session, tmp_path) -> None:
+    """Instance mode with a 1-byte factor budget (one row merged at a time) writes exactly
+    the rows of the default budget (a whole part at once)."""
+    pool_uri, base = t5_pool
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": f"m{k}", "text": t}) + "\n"
+                              for k, t in enumerate(GOOD[:8])))  # fmt: skip
+    tables = []
+    for budget in (1, 1 << 30):
+        out = tmp_path / f"out{budget}"
+        restyle_corpus(str(source), str(out), pool=pool_uri, rank=2, top_k=2, batch_size=4,
+                       max_new_tokens=6, rows_per_part=8, merge_budget_bytes=budget)  # fmt: skip
+        tables.append(_output(out))
+    assert tables[0].equals(tables[1]) and tables[0].num_rows == 8
+    job = RestyleJob("in", "out", base, None, "instance", None, GenerationSettings(), 24,
+                     "text", "id", batch_size=4, pool=pool_uri,
+                     retrieval=InstanceRetrievalSettings(rank=2, top_k=2))  # fmt: skip
+    sources = Pool.open(pool_uri).sources
+    one = pool_merge_sources(Pool.open(pool_uri)).rows(
+        torch.full((1, len(sources)), 1 / len(sources)), "instance", rank=2
+    )
+    row_bytes = sum(2 * (f.a.shape[2] + f.b.shape[1]) * 4 for f in one.values())
+    restyler = Restyler(job)  # rows merged at once: whole batches when one fits, else fewer
+    for budget, rows in [(1, 1), (3 * row_bytes, 3), (10 * row_bytes, 8), (1 << 40, None)]:
+        restyler.job, restyler.chunk_rows = replace(job, merge_budget_bytes=budget), None
+        got = restyler._merge_chunk(GOOD)
+        assert got == rows if rows else got > 1000 and got % 4 == 0
 
 
 class _LengthStyler:
@@ -231,7 +352,7 @@ def test_instance_mode_resumes_and_each_row_equals_peft_with_its_merge(
         restyle_corpus(str(source), str(out), pool=pool_uri, rank=2, top_k=2, batch_size=4,
                        max_new_tokens=6, rows_per_part=4)  # fmt: skip
     (out / "_errors").unlink()
-    partial = len(done_ids(str(out)))
+    partial = _written(out)
     assert 0 < partial < len(ids) + 1
     cli = ["restyle", "--pool", pool_uri, "--input", str(source), "--output", str(out),
            "--mode", "instance", "--rank", "2", "--top-k", "2", "--batch-size", "4",

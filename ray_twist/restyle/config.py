@@ -57,6 +57,15 @@ class RestyleCorpusConfig(Settings):
         default=None, ge=0.0, description="default: 1 if the cluster has GPUs"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    merge_budget_bytes: int = Field(
+        default=256 << 20, ge=1,
+        description="instance/mixture: bytes of per-row LoRA factors an actor builds at once "
+        "(rows are merged in chunks that fit)",
+    )  # fmt: skip
+    read_range_bytes: int | None = Field(
+        default=None, ge=1,
+        description="JSONL/text: bytes per read task's range [about 256 ranges, 1-64 MiB each]",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _one_source_of_style(self) -> RestyleCorpusConfig:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ray_twist import storage
@@ -17,23 +17,40 @@ from ray_twist.restyle.config import RestyleCorpusConfig
 from ray_twist.restyle.inputs import detect_input_format, read_rows
 from ray_twist.retrieval import InstanceRetrievalSettings
 
+_PART = re.compile(r"part-([0-9a-f]{16})-(\d{12})-(\d{12})-(\d+)\.parquet")
 
-def done_ids(output_uri: str) -> frozenset[str]:
-    """Ids already restyled (or set aside as errors) under an output."""
+
+def finished_runs(output_uri: str) -> tuple[dict[str, list[tuple[int, int]]], int]:
+    """What a resumed run skips: per input file key, the (first, last) line intervals of
+    the runs whose output part exists (merged, sorted), and how many rows they hold. Error
+    parts of unfinished runs (a run killed between its two writes) are deleted: the run is
+    redone. Reads file names only, never the parts."""
     fs, root = storage.resolve(output_uri)
-    found: set[str] = set()
+    done: dict[str, list[tuple[int, int]]] = {}
+    rows = 0
+    names: dict[str, set[str]] = {}
     for folder in (root, f"{root}/{ERRORS_DIR}"):
-        if fs.get_file_info(folder).type != pafs.FileType.Directory:
-            continue
-        parts = [
-            f.path
-            for f in fs.get_file_info(pafs.FileSelector(folder))
-            if f.is_file and f.base_name.endswith(".parquet") and f.base_name[0] not in "._"
-        ]
-        if parts:
-            table = pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=["id"])
-            found.update(table.column("id").to_pylist())
-    return frozenset(found)
+        if fs.get_file_info(folder).type == pafs.FileType.Directory:
+            listed = fs.get_file_info(pafs.FileSelector(folder))
+            names[folder] = {f.base_name for f in listed if _PART.fullmatch(f.base_name)}
+    for name in names.get(root, set()):
+        key, first, last, count = _PART.fullmatch(name).groups()  # type: ignore[union-attr]
+        done.setdefault(key, []).append((int(first), int(last)))
+        rows += int(count)
+    for name in names.get(f"{root}/{ERRORS_DIR}", set()) - names.get(root, set()):
+        fs.delete_file(f"{root}/{ERRORS_DIR}/{name}")
+    return {key: _merged(spans) for key, spans in done.items()}, rows
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint intervals covering the same lines (touching ones joined)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _start_record(output_uri: str, job: RestyleJob) -> None:
@@ -159,6 +176,8 @@ def restyle_corpus(
     num_gpus: float | None = None,
     dtype: str = "float32",
     row_styler: RowStylerFactory | None = None,
+    merge_budget_bytes: int = 256 << 20,
+    read_range_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Restyle every row of `input_uri` not yet in `output_uri`; returns the run's summary.
 
@@ -175,6 +194,11 @@ def restyle_corpus(
     call and generates `batch_size` at a time. Summary: rows_in, rows_skipped_existing,
     rows_processed (= rows_written + errors: the work this run did), seconds (wall clock) and
     worker_seconds (time actors spent inside calls: restyling, validating, writing parts).
+
+    Scale: the input is read by many tasks (`read_range_bytes` per range of a file of lines;
+    None: about 256 ranges of 1-64 MiB), never on the driver; a re-run skips the lines of
+    finished parts by their names (`finished_runs`), so no actor holds a set of done ids;
+    per-row modes build at most `merge_budget_bytes` of per-row factors at a time.
     """
     import ray.data
 
@@ -186,8 +210,10 @@ def restyle_corpus(
     given = {"rank": rank, "lambda": lam, "tau": tau, "top_k": top_k, "merge_order": merge_order}
     given = {k: v for k, v in given.items() if v is not None}
     chosen = _style_source(mode, adapter, pool, row_styler, given)
-    if rows_per_part < 1 or batch_size < 1:
-        raise ValueError("rows_per_part and batch_size must be ≥ 1")
+    if min(rows_per_part, batch_size, merge_budget_bytes, read_range_bytes or 1) < 1:
+        raise ValueError(
+            "rows_per_part, batch_size, merge_budget_bytes and read_range_bytes must be ≥ 1"
+        )
     retrieval, generation = None, None
     if pool is not None:
         from ray_twist.pool import Pool
@@ -204,16 +230,15 @@ def restyle_corpus(
     job = RestyleJob(
         input_uri, output_uri, base_model, adapter, chosen, style, settings, max_input_tokens,
         text_column, id_column, batch_size, dtype, num_cpus, row_styler, pool, generation,
-        retrieval,
+        retrieval, merge_budget_bytes,
     )  # fmt: skip
     _start_record(output_uri, job)
-    done = done_ids(output_uri)
-    rows = read_rows(
-        input_uri, detect_input_format(input_uri, input_format), text_column, id_column
-    )
+    skip, skipped = finished_runs(output_uri)
+    fmt = detect_input_format(input_uri, input_format)
+    rows = read_rows(input_uri, fmt, text_column, id_column, skip, read_range_bytes)
     stats = rows.map_batches(
         Restyler,
-        fn_constructor_kwargs={"job": job, "done_ids": done},
+        fn_constructor_kwargs={"job": job},
         batch_size=rows_per_part,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1]),
@@ -226,8 +251,8 @@ def restyle_corpus(
             totals[key] += batch[key].sum().item()
     processed = totals["written"] + totals["errors"]
     summary = {
-        "rows_in": totals["rows"],
-        "rows_skipped_existing": totals["rows"] - processed,
+        "rows_in": skipped + totals["rows"],
+        "rows_skipped_existing": skipped,
         "rows_processed": processed,
         "rows_written": totals["written"],
         "errors": totals["errors"],
@@ -257,5 +282,7 @@ def run_restyle_corpus(cfg: RestyleCorpusConfig) -> dict[str, Any]:
         cfg.max_input_tokens, pool=cfg.pool, num_beams=cfg.num_beams, do_sample=cfg.do_sample,
         temperature=cfg.temperature, top_p=cfg.top_p, text_column=cfg.text_column,
         id_column=cfg.id_column, input_format=cfg.input_format, rows_per_part=cfg.rows_per_part,
-        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, dtype=cfg.dtype, **retrieval,
+        num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, dtype=cfg.dtype,
+        merge_budget_bytes=cfg.merge_budget_bytes, read_range_bytes=cfg.read_range_bytes,
+        **retrieval,
     )  # fmt: skip
