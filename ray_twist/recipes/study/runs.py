@@ -235,9 +235,11 @@ def execute(specs: Sequence[RunSpec], ctx: Context) -> dict[tuple[Any, ...], dic
             todo[spec.key] = spec
     remote = ray.remote(num_cpus=ctx.config.cpus_per_run, max_retries=1)(run_one)
     shared = ray.put(ctx)
-    pending = {
-        remote.options(name=f"study[{s.name}]").remote(s, shared): k for k, s in todo.items()
-    }
+    # longest first (the full-data baseline trains for many more steps), so that it runs
+    # beside the grid instead of after it
+    budget = ctx.config.training.max_steps or 0
+    order = sorted(todo.items(), key=lambda item: -(item[1].steps or budget))
+    pending = {remote.options(name=f"study[{s.name}]").remote(s, shared): k for k, s in order}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         rows[pending.pop(ready[0])] = ray.get(ready[0])
