@@ -414,6 +414,53 @@ async def _answer(
         raise ApiError(503, "unavailable", None, message) from None
 
 
+# Module helpers the ingress routes call are defined above it: `serve.ingress` serialises the
+# FastAPI app when the class is decorated, with the globals that exist at that moment.
+
+
+async def _events(stream: DeploymentResponseGenerator, deadline: float) -> AsyncIterator[Any]:
+    """A generator stream's items, each awaited as `_answer` awaits (503/504, not a hang)."""
+    while True:
+        try:
+            yield await _answer(stream, deadline - time.monotonic(), stream.__anext__())
+        except StopAsyncIteration:
+            return
+
+
+async def _sse(
+    events: AsyncIterator[Any],
+    stream: DeploymentResponseGenerator,
+    reply: "openai_api.Reply",
+    params: "openai_api.Params",
+) -> AsyncIterator[bytes]:
+    """An accepted stream as OpenAI's server-sent events, ending with `data: [DONE]`; a
+    failure mid-stream is an error event. However it ends (a client that disconnects
+    cancels this generator) the generator replica's stream is cancelled, which frees the
+    request's batch slot."""
+    sse = openai_api.sse
+    try:
+        if reply.chat:
+            yield sse(reply.chunk(0, None))
+        async for event in events:
+            if "deltas" in event:
+                for row, text in event["deltas"]:
+                    yield sse(reply.chunk(row, text))
+            elif "end" in event:
+                for row, (tail, reason) in enumerate(
+                    zip(event["tails"], event["finish_reasons"], strict=True)
+                ):
+                    if tail:
+                        yield sse(reply.chunk(row, tail))
+                    yield sse(reply.chunk(row, "", reason))
+                if reply.include_usage:
+                    yield sse(reply.usage_chunk(event["end"]))
+        yield sse("[DONE]")
+    except ApiError as exc:
+        yield sse(openai_api.OpenAIError.of(exc, params).body())
+    finally:
+        stream.cancel()
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
@@ -549,49 +596,6 @@ class Ingress:
         """200 when a generator replica answers within 5 s (else 503 or 504)."""
         stats = await _answer(self.generator.stats.remote(), 5.0)
         return {"status": "ok", "generator": stats["replica"]}
-
-
-async def _events(stream: DeploymentResponseGenerator, deadline: float) -> AsyncIterator[Any]:
-    """A generator stream's items, each awaited as `_answer` awaits (503/504, not a hang)."""
-    while True:
-        try:
-            yield await _answer(stream, deadline - time.monotonic(), stream.__anext__())
-        except StopAsyncIteration:
-            return
-
-
-async def _sse(
-    events: AsyncIterator[Any],
-    stream: DeploymentResponseGenerator,
-    reply: "openai_api.Reply",
-    params: "openai_api.Params",
-) -> AsyncIterator[bytes]:
-    """An accepted stream as OpenAI's server-sent events, ending with `data: [DONE]`; a
-    failure mid-stream is an error event. However it ends (a client that disconnects
-    cancels this generator) the generator replica's stream is cancelled, which frees the
-    request's batch slot."""
-    sse = openai_api.sse
-    try:
-        if reply.chat:
-            yield sse(reply.chunk(0, None))
-        async for event in events:
-            if "deltas" in event:
-                for row, text in event["deltas"]:
-                    yield sse(reply.chunk(row, text))
-            elif "end" in event:
-                for row, (tail, reason) in enumerate(
-                    zip(event["tails"], event["finish_reasons"], strict=True)
-                ):
-                    if tail:
-                        yield sse(reply.chunk(row, tail))
-                    yield sse(reply.chunk(row, "", reason))
-                if reply.include_usage:
-                    yield sse(reply.usage_chunk(event["end"]))
-        yield sse("[DONE]")
-    except ApiError as exc:
-        yield sse(openai_api.OpenAIError.of(exc, params).body())
-    finally:
-        stream.cancel()
 
 
 def build_app(config: ServeConfig) -> serve.Application:
