@@ -82,11 +82,23 @@ def _tensors(uri: Path) -> dict[str, torch.Tensor]:
     return load_file(str(uri / "adapter_model.safetensors"))
 
 
+def _same_deltas(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+    """Per module B·A equal to float rounding: the factors of a top-q SVD are unique only up
+    to signs and rotations, so slightly different weights may flip them."""
+    for key in (k for k in want if "lora_A" in k):
+        b = key.replace("lora_A", "lora_B")
+        delta_got, delta_want = (t[b].double() @ t[key].double() for t in (got, want))
+        if not torch.allclose(delta_got, delta_want, rtol=1e-4, atol=1e-6):
+            return False
+    return True
+
+
 def test_distributed_merge_targets_equals_in_process_and_resumes(
     t5_pool, ray_session, tmp_path
 ) -> None:
-    """Chunks as parallel Ray tasks write exactly the in-process adapters (targets keyed on
-    Ray Data: the same keys up to float rounding of the actors' thread count). After one
+    """Chunks as parallel Ray tasks write the in-process adapters, to float rounding (other
+    processes may sum in another order; targets keyed on Ray Data: the same keys up to
+    float rounding of the actors' thread count). After one
     adapter is deleted, one truncated, one's record garbled and a killed writer's staging
     dir left behind, a re-run redoes those three only, as the uninterrupted run did."""
     from ray_twist.data import make_task, write_task_jsonl
@@ -106,10 +118,13 @@ def test_distributed_merge_targets_equals_in_process_and_resumes(
     for spec in specs:
         want, got = _tensors(ref / spec.name), first[spec.name]
         assert got.keys() == want.keys()
-        if spec.weights is not None:
-            assert all(torch.equal(got[k], want[k]) for k in want), spec.name
+        if spec.weights is not None:  # the same weights; BLAS may sum in another order
+            assert all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7) for k in want), (
+                spec.name,
+                max((got[k].float() - want[k].float()).abs().max().item() for k in want),
+            )
         else:
-            assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in want)
+            assert _same_deltas(got, want), spec.name
             w_ref = json.loads((ref / spec.name / RETRIEVAL_FILE).read_text())["weights"]
             w_out = json.loads((out / spec.name / RETRIEVAL_FILE).read_text())["weights"]
             assert w_out == pytest.approx(w_ref, rel=1e-5, abs=1e-7)
@@ -120,10 +135,15 @@ def test_distributed_merge_targets_equals_in_process_and_resumes(
     weights.write_bytes(weights.read_bytes()[:-100])
     (out / "w05" / RETRIEVAL_FILE).write_text("{not json")
     merge_targets(pool, specs, str(out), 2, chunk_size=3, concurrency=2)
-    for spec in specs:  # d-formal is retrieved alone now: its weights to float rounding
+    # d-formal is merged alone now: as an in-process merge of it alone (in a batch of other
+    # targets a module whose q-th and (q+1)-th singular values nearly tie may truncate to
+    # another subspace at float rounding)
+    alone = tmp_path / "alone"
+    merge_targets(pool, [s for s in specs if s.name == "d-formal"], str(alone), 2)
+    for spec in specs:
         got, want = _tensors(out / spec.name), first[spec.name]
         if spec.name == "d-formal":
-            assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6) for k in want)
+            assert _same_deltas(got, _tensors(alone / spec.name))
         else:
             assert all(torch.equal(got[k], want[k]) for k in want), spec.name
     rewritten = {s.name for s in specs

@@ -275,7 +275,13 @@ def test_a_small_merge_budget_restyles_like_a_large_one(t5_pool, ray_session, tm
         restyle_corpus(str(source), str(out), pool=pool_uri, rank=2, top_k=2, batch_size=4,
                        max_new_tokens=6, rows_per_part=8, merge_budget_bytes=budget)  # fmt: skip
         tables.append(_output(out))
-    assert tables[0].equals(tables[1]) and tables[0].num_rows == 8
+    # the same outputs; the retrieval weights to float rounding (the featurizer embeds each
+    # chunk as its own padded batch)
+    assert tables[0].drop(["weights"]).equals(tables[1].drop(["weights"]))
+    assert tables[0].num_rows == 8
+    for small, large in zip(*(t.column("weights").to_pylist() for t in tables), strict=True):
+        assert [k for k, _ in small] == [k for k, _ in large]
+        np.testing.assert_allclose([v for _, v in small], [v for _, v in large], atol=1e-6)
     job = RestyleJob("in", "out", base, None, "instance", None, GenerationSettings(), 24,
                      "text", "id", batch_size=4, pool=pool_uri,
                      retrieval=InstanceRetrievalSettings(rank=2, top_k=2))  # fmt: skip
