@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import ray
 import torch
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
+from ray_nodes import free_port
 from retrieval_reference import as_matrix, check, keyed_entries, shift_key
 
 from ray_twist.backbone import Backbone, load_backbone, save_random_lora
@@ -39,12 +39,6 @@ TEXTS = ["the old dog sleeps near the river", "a green sun", "she runs under the
 # rank 2 < the sources' 4, so the merge orders differ; λ ≠ ½, so swapping λ shows
 RETRIEVAL = {"rank": 2, "top_k": 2, "lambda": 0.7, "tau": 0.2}
 POET = [("the day is long", "long is the day"), ("i see the sea", "the sea i see")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +75,7 @@ def world(tiny_backbones, featurizer, tmp_path_factory) -> dict:
         "generator": {"num_replicas": 1, "num_cpus": 1, "max_adapters_per_replica": 2,
                       "health_check_period_s": 1, "health_check_timeout_s": 30},
         "ingress": {"num_replicas": 1, "num_cpus": 0.1},
-        "http": {"host": "127.0.0.1", "port": _free_port()},
+        "http": {"host": "127.0.0.1", "port": free_port()},
     }  # fmt: skip
     return {"base": base, "root": root, "styles": styles, "config": config, "fragile": fragile}
 

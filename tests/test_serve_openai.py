@@ -1,7 +1,8 @@
 """The OpenAI-compatible routes, driven by the official `openai` client against a real local
 Ray Serve app over loopback HTTP (one app for the module, with API keys): models, completions
 and chat equal /v1/restyle, streaming equals the unstreamed text, per-request TWIST settings,
-errors in OpenAI's shape naming the field, and a streaming client that leaves frees its slot."""
+errors in OpenAI's shape naming the field, a streaming client that leaves frees its slot, and
+OpenAI requests counted in /metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import time
 import httpx
 import openai
 import pytest
-from test_serve import _free_port
+from prometheus_client.parser import text_string_to_metric_families
+from ray_nodes import free_port
 
 from ray_twist.backbone import save_random_lora
 from ray_twist.serve import ServeConfig, run
@@ -42,7 +44,7 @@ def url(keyed_pool, ray_session, tmp_path_factory):
         "batching": {"max_batch_rows": 16, "batch_wait_timeout_s": 0.05},
         "generator": {"num_replicas": 1, "num_cpus": 1},
         "ingress": {"num_replicas": 1, "num_cpus": 0.1},
-        "http": {"host": "127.0.0.1", "port": _free_port()},
+        "http": {"host": "127.0.0.1", "port": free_port()},
         "auth": {"api_keys_file": str(keys)},
     }
     yield run(ServeConfig.model_validate(config))
@@ -267,6 +269,33 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(http, client) -> None:
     assert stats["replica"] == before["replica"]
     got = client.completions.create(model="formal", prompt=TEXTS[:2], max_tokens=3)
     assert len(got.choices) == 2 and all(c.text for c in got.choices)
+
+
+def _requests_counted(http: httpx.Client) -> dict[tuple[str, str, str], float]:
+    """/metrics' request counter: (method, mode, status) → count, over replicas."""
+    counted: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "ray_twist_requests_total":
+                key = tuple(sample.labels[k] for k in ("method", "mode", "status"))
+                counted[key] = counted.get(key, 0) + sample.value
+    return counted
+
+
+def test_openai_requests_are_counted_in_metrics(client, http) -> None:
+    """Streamed and unstreamed OpenAI requests reach the generator's request counter (as
+    restyle_stream, by mode and status); the node agents export every few seconds."""
+    list(client.completions.create(model="mixture", prompt=TEXTS[0], max_tokens=3, stream=True))
+    messages = [{"role": "user", "content": TEXTS[1]}]
+    client.chat.completions.create(model="formal", messages=messages, max_tokens=3)
+    wanted = [("restyle_stream", "mixture", "200"), ("restyle_stream", "adapted", "200")]
+    deadline, counted = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:
+        counted = _requests_counted(http)
+        if all(counted.get(key, 0) >= 1 for key in wanted):
+            break
+        time.sleep(1)
+    assert all(counted.get(key, 0) >= 1 for key in wanted), counted
 
 
 def test_openapi_documents_the_routes(http) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from ray_nodes import free_port
 
 from ray_twist.backbone import save_random_lora
 from ray_twist.serve.config import AuthSettings
@@ -24,12 +24,6 @@ from ray_twist.settings import ConfigError
 
 STOP_S = 10.0
 KEY, OTHER_KEY, WRONG_KEY = "k-good-3f9a1c", "k-second-77d0", "k-wrong-b52e08"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _processes_under(path: str) -> list[int]:
@@ -88,7 +82,7 @@ def test_twist_serve_stops_on_a_signal(served_files, signame: str, when: str) ->
     the error shape without a key or with a wrong one, 200 with a key, /healthz and /docs
     open; neither key shows up in the output or in any of the Ray session's logs."""
     tmp = tempfile.mkdtemp(prefix="rt-sig-")  # short: Ray's socket paths must stay < 108 chars
-    port = _free_port()
+    port = free_port()
     config = {
         "name": "sigtest",
         "base_model": served_files["base"],

@@ -5,7 +5,6 @@ bounded load with no failed request, and /metrics returns the replicas' metrics.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections import Counter
@@ -14,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
+from ray_nodes import free_port
 
 from ray_twist.backbone import save_random_lora
 from ray_twist.serve import ServeConfig, run
@@ -22,19 +22,13 @@ STYLES = ("north", "south")
 TEXTS = ["the old dog sleeps near the river", "a green sun rises"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def world(tiny_backbones, tmp_path_factory, ray_session) -> dict:
     """A tiny T5 and two registered styles (no pool: no featurizer to load per replica)."""
     root = tmp_path_factory.mktemp("routing")
     base = tiny_backbones["t5"]
     styles = {n: save_random_lora(base, root / n, seed=i, rank=2) for i, n in enumerate(STYLES)}
-    yield {"base": base, "styles": styles, "port": _free_port()}
+    yield {"base": base, "styles": styles, "port": free_port()}
     serve.shutdown()
 
 

@@ -185,20 +185,8 @@ class Generator:
 
     async def restyle(self, request: RestyleRequest) -> RestyleResponse:
         """Check and tokenize one request, then wait for its place in a batch."""
-        start, status = time.perf_counter(), 200
-        try:
+        with self.metrics.request(request.mode, method="restyle"):
             return await (await self._batch(await self._work(request)))
-        except ApiError as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:  # the caller gave up (timed out)
-            status = 499
-            raise
-        except Exception:
-            status = 500
-            raise
-        finally:
-            self.metrics.request(request.mode, status, time.perf_counter() - start)
 
     async def _work(self, request: RestyleRequest) -> Work:
         """One request checked and tokenized, with its named adapter (adapted mode)."""
@@ -221,6 +209,11 @@ class Generator:
         batch, then {"end": response, "tails": ..., "finish_reasons": ...}. A caller that
         leaves (Serve cancels this generator) stops its rows at the next decoding step, or
         drops them from the queue before their pass."""
+        with self.metrics.request(request.mode, method="restyle_stream"):
+            async for event in self._stream(request, deltas):
+                yield event
+
+    async def _stream(self, request: RestyleRequest, deltas: bool) -> AsyncIterator[dict[str, Any]]:
         work = await self._work(request)
         backbone = self.engine.backbone
         eos = backbone.model.generation_config.eos_token_id
@@ -387,6 +380,11 @@ def _request_body(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+def _openai_post(path: str, model: type[BaseModel]) -> Any:
+    """An OpenAI-compatible POST route: OpenAI-shaped errors and `model`'s documented body."""
+    return api.post(path, responses=_OPENAI_ERRORS, openapi_extra=_request_body(model))
+
+
 async def _json_body(request: Request, limit: int) -> bytes:
     """A JSON request's body (415 naming content-type otherwise; 413 past `limit` bytes)."""
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
@@ -495,20 +493,12 @@ class Ingress:
             return self.generator.options(multiplexed_model_id=body.style)
         return self.generator
 
-    @api.post(
-        "/v1/completions",
-        responses=_OPENAI_ERRORS,
-        openapi_extra=_request_body(openai_api.CompletionRequest),
-    )
+    @_openai_post("/v1/completions", openai_api.CompletionRequest)
     async def completions(self, request: Request) -> Any:
         """OpenAI-compatible: `prompt` (a string or a list) restyled as `model` says."""
         return await self._openai(request, openai_api.CompletionRequest)
 
-    @api.post(
-        "/v1/chat/completions",
-        responses=_OPENAI_ERRORS,
-        openapi_extra=_request_body(openai_api.ChatRequest),
-    )
+    @_openai_post("/v1/chat/completions", openai_api.ChatRequest)
     async def chat_completions(self, request: Request) -> Any:
         """OpenAI-compatible: the last user message restyled as `model` says."""
         return await self._openai(request, openai_api.ChatRequest)

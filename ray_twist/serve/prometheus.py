@@ -12,7 +12,9 @@ node endpoints directly; `/metrics` is for a scraper that only sees the HTTP end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 import urllib.request
 from collections.abc import Iterable, Iterator
 
@@ -22,7 +24,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray.serve import metrics
 
-from ray_twist.serve.api import Timing
+from ray_twist.serve.api import ApiError, Timing
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,9 +42,10 @@ class ReplicaMetrics:
     def __init__(self) -> None:
         self.requests = metrics.Counter(
             "twist_requests",
-            description="restyle requests the generator answered, by mode and HTTP status "
-            "(499: cancelled by the caller, e.g. timed out)",
-            tag_keys=("mode", "status"),  # type: ignore[arg-type]  # Ray types it Tuple[str]
+            description="restyle requests the generator answered, by mode, HTTP status "
+            "(499: cancelled by the caller, e.g. timed out) and method (restyle: /v1/restyle; "
+            "restyle_stream: the OpenAI-compatible routes, streamed or not)",
+            tag_keys=("mode", "status", "method"),  # type: ignore[arg-type]  # Ray: Tuple[str]
         )
         self.latency = metrics.Histogram(
             "twist_request_latency_ms",
@@ -62,9 +65,24 @@ class ReplicaMetrics:
             for stage in ("retrieval", "merge", "generate")
         }
 
-    def request(self, mode: str, status: int, seconds: float) -> None:
-        self.requests.inc(tags={"mode": mode, "status": str(status)})
-        self.latency.observe(1000 * seconds, tags={"mode": mode})
+    @contextlib.contextmanager
+    def request(self, mode: str, method: str) -> Iterator[None]:
+        """Count and time the request answered inside this block, with the status it ends in."""
+        start, status = time.perf_counter(), 200
+        try:
+            yield
+        except ApiError as exc:
+            status = exc.status
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the caller gave up (timed out, left)
+            status = 499
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.requests.inc(tags={"mode": mode, "status": str(status), "method": method})
+            self.latency.observe(1000 * (time.perf_counter() - start), tags={"mode": mode})
 
     def forward_pass(self, timing: Timing) -> None:
         self.rows.observe(timing.batch_rows)
