@@ -155,7 +155,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     targets = read_targets(args.targets)
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     merge_targets(pool, targets, args.out, args.rank, _retrieval(args), args.method,
-                  args.chunk_size, device, dtype)  # fmt: skip
+                  args.chunk_size, device, dtype, args.concurrency, args.num_gpus)  # fmt: skip
     print(f"merged {len(targets)} targets at rank {args.rank} → {args.out}/<name>/")
     return 0
 
@@ -356,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stored adapter precision [fp32]")  # fmt: skip
     merge.add_argument("--chunk-size", type=int, default=128, help="targets per batched merge")
     merge.add_argument("--device", help="torch device for the merge [cuda if available]")
+    merge.add_argument("--concurrency", type=int, default=0,
+                       help="--targets: 0 merges in this process; n > 0 featurizes data targets "
+                            "on Ray Data and merges chunks as Ray tasks, n at a time [0]")  # fmt: skip
+    merge.add_argument("--num-gpus", type=float, default=0,
+                       help="with --concurrency: GPUs per merge task (CUDA merge) [0]")  # fmt: skip
     _add_retrieval_args(merge)
     merge.set_defaults(handler=cmd_merge)
     adapt_cmd = sub.add_parser("adapt", help="initialise (TWIST or a baseline) and fine-tune a "

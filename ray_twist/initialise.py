@@ -201,6 +201,8 @@ def merge_targets(
     time, anywhere on the cluster; with `num_gpus` each actor and task holds that much GPU
     and merges on CUDA. A chunk holds the same targets either way.
     """
+    if concurrency < 0 or num_gpus < 0:
+        raise ValueError(f"concurrency and num_gpus must be >= 0, got {concurrency}, {num_gpus}")
     params = params or RetrievalSettings()
     uris = [storage.join(out_uri, t.name) for t in targets]
     meta = [_retrieval_meta(pool, params, t.name) if t.weights is None else {"target": t.name}

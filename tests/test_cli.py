@@ -42,7 +42,7 @@ def test_init_retrieves_and_writes_a_loadable_adapter(t5_pool, tmp_path) -> None
     PeftModel.from_pretrained(load_backbone(base).model, str(out))
 
 
-def test_merge_weights_and_targets_equal_library_merge(t5_pool, tmp_path) -> None:
+def test_merge_weights_and_targets_equal_library_merge(t5_pool, tmp_path, ray_session) -> None:
     root = tmp_path
     pool = Pool.open(t5_pool[0])
     weights = {"pirate": 0.7, "formal": 0.3}
@@ -71,6 +71,18 @@ def test_merge_weights_and_targets_equal_library_merge(t5_pool, tmp_path) -> Non
         assert torch.allclose(w2[module][1] @ w2[module][0], b @ a, atol=1e-6)
     retrieved = json.loads((many / "d1" / RETRIEVAL_FILE).read_text())["weights"]
     assert sum(retrieved.values()) == pytest.approx(1.0)
+
+    spread = root / "merge_spread"  # the same targets as Ray tasks, featurized on Ray Data
+    assert main(["merge", "--pool", str(pool.uri), "--targets", str(table), "--rank", "2",
+                 "--out", str(spread), "--concurrency", "2", "--chunk-size", "1"]) == 0  # fmt: skip
+    assert json.loads((spread / "d1" / RETRIEVAL_FILE).read_text())["weights"] == pytest.approx(
+        retrieved, abs=1e-6
+    )
+    for name in ("w1", "w2"):
+        alone, spread_out = read_adapter(many / name).modules, read_adapter(spread / name).modules
+        for module, (a, b) in alone.items():
+            a2, b2 = spread_out[module]
+            assert torch.allclose(b2 @ a2, b @ a, atol=1e-6), (name, module)
 
 
 def test_bad_input_is_named(t5_pool, tmp_path, capsys) -> None:
