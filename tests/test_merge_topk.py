@@ -131,7 +131,7 @@ def test_weighted_concatenations_touch_the_selected_columns_only(mode: str) -> N
     assert [m["m"][0].shape[0] for m in merged] == live
 
 
-def test_same_shape_modules_merge_in_one_batch_as_each_alone(monkeypatch) -> None:
+def test_same_shape_modules_merge_in_one_batch_as_each_alone() -> None:
     """Modules of one shape and rank run their top-k merges as one `SubsetStack` batch
     (block-diagonal cross-Grams); every module's result is its own merge's, and the dense
     reference's. Another shape, or a Gram over the size cap, merges on its own."""
@@ -153,5 +153,4 @@ def test_same_shape_modules_merge_in_one_batch_as_each_alone(monkeypatch) -> Non
             ref = _dense_topq(sources, module, w[t], 4)
             assert _rel(b_t[t] @ a_t[t], ref) < 1e-10, (module, t)
             assert _rel(b_t[t] @ a_t[t], b_alone[t] @ a_alone[t]) < 1e-12, (module, t)
-    monkeypatch.setattr("ray_twist.merge.sources._GROUP_GRAM_ELEMENTS", (N * 6) ** 2)
-    assert MergeSources(names, adapters).subset_groups == []
+    assert MergeSources(names, adapters, group_gram_elements=(N * 6) ** 2).subset_groups == []

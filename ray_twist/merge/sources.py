@@ -47,9 +47,9 @@ from ray_twist.merge.subset import SPARSE_FRACTION, SubsetStack, sparse_applies
 
 ModuleFactors = dict[str, tuple[Tensor, Tensor]]
 #: the most elements a module group's block-diagonal cross-Gram (Σ N·r_max)² may have
-#: (`MergeSources.subset_groups`): 2²² float32, 16 MiB per side; larger pools merge one
+#: (`MergeSources.subset_groups`, by default): 2²² float32, 16 MiB per side; larger pools merge one
 #: module at a time, where the per-call overhead a group saves is small against the work
-_GROUP_GRAM_ELEMENTS = 1 << 22
+GROUP_GRAM_ELEMENTS = 1 << 22
 S = TypeVar("S")
 
 
@@ -62,6 +62,7 @@ class MergeSources:
         adapters: list[AdapterFactors],
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        group_gram_elements: int = GROUP_GRAM_ELEMENTS,
     ) -> None:
         if len(names) != len(adapters) or not names:
             raise ValueError("need one name per adapter and at least one adapter")
@@ -83,6 +84,7 @@ class MergeSources:
         self.modules = sorted(self._blank)
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
+        self.group_gram_elements = group_gram_elements
         self._stacks: dict[str, FactorStack] = {}
         self._truncated: dict[tuple[str, int], TruncatedStack] = {}
         self._subsets: dict[str, SubsetStack] = {}
@@ -119,7 +121,7 @@ class MergeSources:
     def subset_groups(self) -> list[tuple[str, ...]]:
         """The module groups whose top-k merges run as one batch each (`subset_group`):
         modules of one shape and one largest source rank r, in module order, as many per
-        group as keep its block-diagonal cross-Grams within `_GROUP_GRAM_ELEMENTS`. A module
+        group as keep its block-diagonal cross-Grams within `group_gram_elements`. A module
         in no group (alone in its kind, or r·N over the cap) merges on its own."""
         alike: dict[tuple[int, int, int], list[str]] = {}
         for module in self.modules:
@@ -128,7 +130,7 @@ class MergeSources:
             alike.setdefault((int(b.shape[0]), int(a.shape[1]), r), []).append(module)
         groups = []
         for (_, _, r), modules in alike.items():
-            size = max(1, int(_GROUP_GRAM_ELEMENTS**0.5) // (len(self.names) * r))
+            size = max(1, int(self.group_gram_elements**0.5) // (len(self.names) * r))
             groups += [tuple(modules[i : i + size]) for i in range(0, len(modules), size)]
         return [group for group in groups if len(group) > 1]
 
